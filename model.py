@@ -1,0 +1,640 @@
+"""
+The student model: a Llama-family decoder-only transformer, its KV-cache sampler, and HF checkpoints.
+
+One `Transformer` covers the architectures of the paper's students:
+  - Llama 2 / 3 / 3.1 / 3.2 (`LlamaForCausalLM`; Llama-3.1 RoPE frequency scaling, tied or untied),
+  - Qwen2 / Qwen2.5 (`Qwen2ForCausalLM`: bias on the q/k/v projections),
+  - Qwen3 (`Qwen3ForCausalLM`: RMSNorm on each head of q and k, explicit head_dim),
+and the small from-scratch config of the embedded default. Parameter names are HF's, so a checkpoint
+directory we write loads in `transformers.AutoModelForCausalLM.from_pretrained` unchanged and vice versa.
+
+    python model.py CKPT_DIR --prompt "Question: ..."   # sample from a checkpoint
+    python model.py CKPT_DIR --check                     # load, shape-check, print the config
+
+Conventions: B batch, T query length, S key length, H query heads, K kv heads, D head dim, V vocab.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or config that cannot be used; the message is one line naming file and tensor."""
+
+
+# -----------------------------------------------------------------------------------------------
+# Config: field names are exactly those of HF `config.json`, so reading and writing is a dict copy.
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "llama"  # "llama" | "qwen2" | "qwen3": decides q/k/v bias and q/k norm
+    vocab_size: int = 4096  # rows of the embedding (may exceed the tokenizer's ids: padding rows)
+    hidden_size: int = 256  # residual stream width
+    intermediate_size: int = 768  # SwiGLU hidden width
+    num_hidden_layers: int = 8  # transformer blocks
+    num_attention_heads: int = 8  # query heads H
+    num_key_value_heads: Optional[int] = None  # kv heads K (grouped-query attention); None = H
+    head_dim: Optional[int] = None  # D; None = hidden_size // H (Qwen3 sets it explicitly)
+    max_position_embeddings: int = 1024  # longest sequence the model is meant for
+    rms_norm_eps: float = 1e-5  # epsilon inside RMSNorm
+    rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: Optional[dict] = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    tie_word_embeddings: bool = True  # lm_head shares the embedding matrix
+    attention_bias: bool = False  # bias on q/k/v/o (Llama, Qwen3); Qwen2 always has q/k/v bias
+    mlp_bias: bool = False  # bias on gate/up/down (Llama option, rarely used)
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int | list] = None
+    pad_token_id: Optional[int] = None
+    initializer_range: float = 0.02  # std of the from-scratch normal init
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.model_type not in ARCHITECTURES:
+            raise CheckpointError(f"unknown model_type {self.model_type!r}: expected one of {sorted(ARCHITECTURES)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise CheckpointError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}")
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.model_type != "qwen2" and self.attention_bias
+
+    @classmethod
+    def from_hf(cls, d: dict, where: str = "config.json") -> "ModelConfig":
+        """Read an HF config dict. transformers 5.x writes `rope_parameters` where 4.x wrote
+        `rope_theta` + `rope_scaling`; both are accepted."""
+        archs = d.get("architectures") or []
+        mtype = d.get("model_type")
+        if mtype not in ARCHITECTURES:
+            raise CheckpointError(f"{where}: unknown architecture model_type={mtype!r} architectures={archs}: "
+                                  f"expected one of {sorted(ARCHITECTURES.values())}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(d.get(key), int):
+                raise CheckpointError(f"{where}: required field {key!r} is missing or not an integer")
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        rope = d.get("rope_parameters")
+        if isinstance(rope, dict):
+            kw["rope_theta"] = rope.get("rope_theta", kw.get("rope_theta", 10000.0))
+            rtype = rope.get("rope_type", rope.get("type", "default"))
+            kw["rope_scaling"] = None if rtype == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
+        elif isinstance(kw.get("rope_scaling"), dict):
+            rtype = kw["rope_scaling"].get("rope_type", kw["rope_scaling"].get("type"))
+            if rtype == "default":
+                kw["rope_scaling"] = None
+        scaling = kw.get("rope_scaling")
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "llama3":
+            raise CheckpointError(f"{where}: rope scaling {scaling!r} is not supported (only 'llama3')")
+        kw.setdefault("rms_norm_eps", 1e-6)
+        kw.setdefault("tie_word_embeddings", False)  # HF's default for all three families
+        if mtype == "qwen3":
+            kw.setdefault("head_dim", 128)
+        return cls(**kw)
+
+    def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
+        d = asdict(self)
+        d.pop("rope_theta"), d.pop("rope_scaling")
+        d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})}
+        d["architectures"] = [ARCHITECTURES[self.model_type]]
+        d["hidden_act"] = "silu"
+        d["dtype"] = str(dtype).removeprefix("torch.")
+        if self.model_type == "qwen2":
+            d.pop("attention_bias"), d.pop("mlp_bias")
+        return d
+
+
+# Named configs. "embedded" is the few-million-parameter student of the default world (vocab set from
+# its tokenizer); "llama-1b" has the shape of Llama-3.2-1B, for benchmarks with random weights.
+CONFIGS = {
+    "embedded": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                     rope_theta=500000.0, rms_norm_eps=1e-5,
+                     rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                       high_freq_factor=4.0, original_max_position_embeddings=8192)),
+}
+
+
+# -----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Statistics in fp32 even under bf16 autocast; cast back before the gain, in HF's order.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (D/2,), with Llama-3.1 scaling when configured (llama-models `apply_scaling`):
+    long wavelengths are slowed by `factor`, short ones kept, the band between blended linearly."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen, high_freq_wavelen = old_len / lo, old_len / hi
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def rotate_half(x):
+    # HF layout: the first half of the head dim pairs with the second half (not adjacent pairs).
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x (B, T, H, D); cos/sin (B, T, 1, D)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer, (B, K, S_max, D). Slot s holds column s of the
+    left-padded sequence; which slots are real is the attention mask's business."""
+
+    def __init__(self, batch: int, max_len: int, n_kv: int, head_dim: int, dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k, v):
+        T = k.shape[2]
+        self.k[:, :, start:start + T] = k
+        self.v[:, :, start:start + T] = v
+        return self.k[:, :, :start + T], self.v[:, :, :start + T]
+
+
+def attention(q, k, v, mask, backend: str = "sdpa"):
+    """q (B, H, T, D); k, v (B, K, S, D) with H a multiple of K; mask (B, 1, T, S) bool (True = may
+    attend) or None for plain causal attention with T == S. Returns (B, H, T, D)."""
+    if backend == "triton":
+        from attention import flash_attention  # the custom kernel; model.py falls back before we get here
+        return flash_attention(q, k, v, mask)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    # "math": the explicit softmax, readable reference. Query heads are grouped by the kv head they
+    # share, so K/V are broadcast instead of copied H/K times.
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    qg = q.view(B, K, H // K, T, D)  # (B, K, G, T, D)
+    scores = (qg @ k.unsqueeze(2).transpose(-1, -2)).float() / math.sqrt(D)  # (B, K, G, T, S)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    else:
+        mask = mask.unsqueeze(2)  # (B, 1, 1, T, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype)
+    return (probs @ v.unsqueeze(2)).view(B, H, T, D)  # (B, K, G, T, D) -> (B, H, T, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.H, self.K, self.D = H, K, D
+        self.q_proj = nn.Linear(cfg.hidden_size, H * D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, K * D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, K * D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.model_type == "qwen3":  # Qwen3 normalises each head of q and k before RoPE
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: Optional[KVCache], cache_start: int, backend: str):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.D)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.K, self.D)  # (B, T, K, D)
+        v = self.v_proj(x).view(B, T, self.K, self.D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|K, T, D)
+        if cache is not None:
+            k, v = cache.update(cache_start, k, v)  # (B, K, S, D), S = cache_start + T
+        y = attention(q, k, v, mask, backend)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))  # (B, T, H*D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, cache_start, backend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn: str = "sdpa"):
+        super().__init__()
+        self.config = cfg
+        self.attn = pick_attention_backend(attn)
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.caches: Optional[list[KVCache]] = None
+        self.apply(self._init_weights)
+        # Scaled init of the projections that write into the residual stream (GPT-2 / nanoGPT): keeps
+        # the stream's variance from growing with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def _apply(self, fn, recurse=True):
+        # RoPE frequencies stay fp32 whatever dtype the weights are cast to (bf16 would round them).
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    def setup_cache(self, batch: int, max_len: int):
+        p = self.lm_head.weight
+        self.caches = [KVCache(batch, max_len, self.config.num_key_value_heads, self.config.head_dim, p.dtype, p.device)
+                       for _ in range(self.config.num_hidden_layers)]
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache_start: Optional[int] = None,
+                key_mask=None, return_hidden: bool = False, last_only: bool = False):
+        """input_ids (B, T) -> logits (B, T, V) (or (B, 1, V) with last_only), and the final hidden
+        states (B, T, hidden) with return_hidden.
+
+        Training / scoring: `attention_mask` (B, T) marks real tokens (left padding allowed); positions
+        are derived from it so a left-padded row is computed exactly as the unpadded one.
+        Decoding: `cache_start` is the slot where these tokens go in the KV cache and `key_mask` (B, S)
+        marks the real slots of the whole cached sequence, S = cache_start + T.
+        """
+        B, T = input_ids.shape
+        dev = input_ids.device
+        if cache_start is None:
+            mask = None
+            if attention_mask is not None:
+                km = attention_mask.bool()
+                if position_ids is None:
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                if not km.all():  # all-real rows can use the plain causal kernel
+                    mask = causal_mask(km, 0, T)
+            if position_ids is None:
+                position_ids = torch.arange(T, device=dev).expand(B, T)
+            cache = [None] * len(self.model.layers)
+        else:
+            assert self.caches is not None, "call setup_cache() before decoding"
+            assert position_ids is not None and key_mask is not None
+            mask = causal_mask(key_mask.bool(), cache_start, T)
+            cache = self.caches
+        # RoPE angles from the positions, in fp32 (B, T, D/2) -> cos/sin (B, T, 1, D)
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer, c in zip(self.model.layers, cache):
+            x = layer(x, cos, sin, mask, c, cache_start or 0, self.attn)
+        h = self.model.norm(x)
+        logits = self.lm_head(h[:, -1:] if last_only else h)
+        return (logits, h) if return_hidden else logits
+
+    # --- checkpoints in the HF layout ---------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None, attn: str = "sdpa") -> "Transformer":
+        path = Path(path)
+        cfg = ModelConfig.from_hf(read_json(path / "config.json"), str(path / "config.json"))
+        with torch.device("meta"):
+            model = cls(cfg, attn=attn)
+        state = read_safetensors(path)
+        expected = {k: v for k, v in model.state_dict().items()}
+        if cfg.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+            state.pop("lm_head.weight", None)  # some exporters write the tied copy anyway
+        for name, t in expected.items():
+            if name not in state:
+                raise CheckpointError(f"{path}: tensor {name!r} is missing from the checkpoint")
+            if tuple(state[name].shape) != tuple(t.shape):
+                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                                      f"expected {tuple(t.shape)} from config.json")
+        extra = sorted(set(state) - set(expected))
+        extra = [n for n in extra if not n.endswith("rotary_emb.inv_freq")]
+        if extra:
+            raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} (and {len(extra) - 1} more) for {cfg.model_type}")
+        dtype = dtype or next(iter(state.values())).dtype
+        model = model.to_empty(device=device)
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=False)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.to(dtype=dtype)
+
+    def save_pretrained(self, path, dtype=None, max_shard_bytes: int = 4 << 30, extra_files: Optional[dict] = None):
+        """Write config.json and model.safetensors (sharded with an index above max_shard_bytes).
+        The directory is assembled beside the target and renamed into place, so a crash leaves either
+        the old checkpoint or the new one, never half of each."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        dtype = dtype or self.lm_head.weight.dtype
+        state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        shards, cur, size = [], {}, 0
+        for name in sorted(state):
+            n = state[name].numel() * state[name].element_size()
+            if cur and size + n > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[name] = state[name]
+            size += n
+        shards.append(cur)
+
+        def write(tmp: Path):
+            (tmp / "config.json").write_text(json.dumps(self.config.to_hf(dtype), indent=2) + "\n")
+            if len(shards) == 1:
+                save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            else:
+                weight_map = {}
+                for i, shard in enumerate(shards):
+                    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                    save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                    weight_map.update({k: fname for k in shard})
+                total = sum(t.numel() * t.element_size() for t in state.values())
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            for name, content in (extra_files or {}).items():
+                (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+
+        atomic_dir(path, write)
+
+
+def atomic_dir(path: Path, write) -> None:
+    """Build a directory with `write(tmp_dir)` next to `path`, then swap it in with renames.
+    Files already in `path` that `write` did not produce (e.g. metrics.jsonl) are carried over."""
+    import shutil
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    if path.exists():
+        for f in path.iterdir():
+            if not (tmp / f.name).exists() and not f.name.startswith("model-"):
+                if f.is_dir():
+                    shutil.copytree(f, tmp / f.name)
+                else:
+                    shutil.copy2(f, tmp / f.name)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(path: Path) -> None:
+    """If a crash hit between the two renames of `atomic_dir`, put the previous checkpoint back."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.exists():
+        os.replace(old, path)
+
+
+def read_json(file: Path) -> dict:
+    try:
+        return json.loads(Path(file).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: not found (a checkpoint directory needs config.json)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def read_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    state = {}
+    for fname in files:
+        f = path / fname
+        if not f.exists():
+            raise CheckpointError(f"{f}: weights file not found")
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
+            raise CheckpointError(f"{f}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
+    return state
+
+
+_warned = set()
+
+
+def pick_attention_backend(name: str) -> str:
+    if name not in ("sdpa", "math", "triton"):
+        raise ValueError(f"unknown attention backend {name!r}: expected sdpa, math or triton")
+    if name == "triton":
+        ok = torch.cuda.is_available()
+        try:
+            import attention  # noqa: F401
+        except ImportError:
+            ok = False
+        if not ok:
+            if "triton" not in _warned:
+                warnings.warn("attn='triton' needs CUDA and attention.py; falling back to SDPA")
+                _warned.add("triton")
+            return "sdpa"
+    return name
+
+
+def causal_mask(key_mask, start: int, T: int):
+    """Boolean (B, 1, T, S) mask: query i (cache slot start+i) may attend key slot j if the key is real
+    and j <= start+i. A query with no visible key (a left-pad position) is allowed itself, so softmax
+    never sees an empty row; its output is never used."""
+    B, S = key_mask.shape
+    q_slot = torch.arange(start, start + T, device=key_mask.device)[:, None]  # (T, 1)
+    k_slot = torch.arange(S, device=key_mask.device)[None, :]  # (1, S)
+    m = key_mask[:, None, :] & (k_slot <= q_slot)[None]  # (B, T, S)
+    m = m | (k_slot == q_slot)[None]
+    return m[:, None]  # (B, 1, T, S)
+
+
+# -----------------------------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # (B, N) generated ids; pad after a row's stop token
+    logprobs: torch.Tensor  # (B, N) log p(token) under softmax(logits / T) (T = 1 for greedy)
+    entropies: torch.Tensor  # (B, N) entropy of that same distribution
+    mask: torch.Tensor  # (B, N) 1 on generated tokens up to and including the stop token
+    finished: torch.Tensor  # (B,) True where a stop token was produced
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device=None):
+    """Ragged prompts -> (B, P) ids and mask, right-aligned so every row's next token is column P."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, P - len(p):] = torch.tensor(p)
+            mask[i, P - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def sample_token(logits, temperature: float, top_k: int, top_p: float, generator=None):
+    """logits (B, V) fp32 -> (token (B,), logprob (B,), entropy (B,)). Log-prob and entropy are those
+    of the policy's distribution softmax(logits / T), before any top-k / top-p truncation: that is
+    the distribution PPO's ratio and CCRL's confidence are defined on (use top_k=0, top_p=1 there)."""
+    t = temperature if temperature > 0 else 1.0
+    logp = torch.log_softmax(logits / t, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    if temperature <= 0:
+        token = logits.argmax(-1)
+    else:
+        filt = logp
+        if top_k > 0:
+            kth = torch.topk(filt, min(top_k, filt.shape[-1]), dim=-1).values[:, -1:]
+            filt = filt.masked_fill(filt < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_lp, idx = filt.sort(dim=-1, descending=True)
+            cum = sorted_lp.exp().cumsum(-1)
+            drop = cum - sorted_lp.exp() > top_p  # keep the smallest prefix whose mass reaches top_p
+            filt = filt.scatter(-1, idx, sorted_lp.masked_fill(drop, float("-inf")))
+        # Gumbel-max via exponential race: argmax p / E with E ~ Exp(1) samples from p without the
+        # device->host sync that torch.multinomial costs on CUDA.
+        e = torch.empty_like(filt).exponential_(1, generator=generator)
+        token = (filt.exp() / e).argmax(-1)
+    return token, logp.gather(-1, token[:, None]).squeeze(-1), entropy
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, stop_ids=(), pad_id: int = 0, generator=None,
+             sync_every: int = 8) -> Generation:
+    """Batched sampling with the static KV cache. Prompts are left-padded; each row stops at its first
+    stop token (later positions hold pad_id with mask 0). temperature=0 is greedy."""
+    dev = model.lm_head.weight.device
+    ids, pmask = left_pad(prompts, pad_id, dev)
+    B, P = ids.shape
+    model.setup_cache(B, P + max_new_tokens)
+    key_mask = torch.cat([pmask, torch.ones(B, max_new_tokens, dtype=torch.long, device=dev)], dim=1)
+    pos = (pmask.cumsum(-1) - 1).clamp(min=0)
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    logprobs = torch.zeros(B, max_new_tokens, device=dev)
+    entropies = torch.zeros(B, max_new_tokens, device=dev)
+    gmask = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    logits = model(ids, position_ids=pos, cache_start=0, key_mask=key_mask[:, :P], last_only=True)
+    next_pos = pos[:, -1:] + 1
+    for i in range(max_new_tokens):
+        tok, lp, ent = sample_token(logits[:, -1].float(), temperature, top_k, top_p, generator)
+        alive = ~finished
+        out[:, i] = torch.where(alive, tok, pad_id)
+        logprobs[:, i] = torch.where(alive, lp, 0.0)
+        entropies[:, i] = torch.where(alive, ent, 0.0)
+        gmask[:, i] = alive.long()
+        finished = finished | (alive & torch.isin(tok, stop))
+        if i + 1 == max_new_tokens or ((i + 1) % sync_every == 0 and bool(finished.all())):
+            break
+        logits = model(out[:, i:i + 1], position_ids=next_pos, cache_start=P + i, key_mask=key_mask[:, :P + i + 1])
+        next_pos = next_pos + 1
+    n = i + 1
+    model.caches = None  # free the cache memory between calls
+    return Generation(out[:, :n], logprobs[:, :n], entropies[:, :n], gmask[:, :n], finished)
+
+
+# -----------------------------------------------------------------------------------------------
+# CLI: inspect or sample from a checkpoint
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Load a checkpoint directory; check it or sample from it.")
+    ap.add_argument("ckpt", help="checkpoint directory (config.json + model.safetensors + tokenizer)")
+    ap.add_argument("--check", action="store_true", help="only load, shape-check and print the config")
+    ap.add_argument("--prompt", default="Question: ", help="prompt text (rendered with the tokenizer's template)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    args = ap.parse_args(argv)
+    try:
+        model = Transformer.from_pretrained(args.ckpt)
+        print(f"{args.ckpt}: {model.config.model_type}, {model.num_params() / 1e6:.2f}M parameters")
+        if args.check:
+            print(json.dumps(model.config.to_hf(), indent=2))
+            return
+        from tokenizer import Tokenizer
+        tok = Tokenizer.load(args.ckpt)
+        ids, _ = tok.render(args.prompt)
+        g = generate(model.eval(), [ids], args.max_new_tokens, args.temperature, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+        print(args.prompt + tok.decode(g.tokens[0][g.mask[0].bool()].tolist()))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
