@@ -125,9 +125,12 @@ class ModelConfig:
         return d
 
 
-# Named configs. "embedded" is the few-million-parameter student of the default world (vocab set from
-# its tokenizer); "llama-1b" has the shape of Llama-3.2-1B, for benchmarks with random weights.
+# Named configs (vocab_size is reset from the tokenizer when training from scratch). "tiny" is for
+# tests; "embedded" is the few-million-parameter student of the default world; "llama-1b" has the
+# shape of Llama-3.2-1B, for benchmarks with random weights.
 CONFIGS = {
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
     "embedded": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
     "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -367,6 +370,7 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None, attn: str = "sdpa") -> "Transformer":
         path = Path(path)
+        recover_dir(path)
         cfg = ModelConfig.from_hf(read_json(path / "config.json"), str(path / "config.json"))
         with torch.device("meta"):
             model = cls(cfg, attn=attn)
@@ -381,10 +385,10 @@ class Transformer(nn.Module):
             if tuple(state[name].shape) != tuple(t.shape):
                 raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, "
                                       f"expected {tuple(t.shape)} from config.json")
-        extra = sorted(set(state) - set(expected))
-        extra = [n for n in extra if not n.endswith("rotary_emb.inv_freq")]
-        if extra:
-            raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} (and {len(extra) - 1} more) for {cfg.model_type}")
+        unexpected = [n for n in sorted(set(state) - set(expected)) if not n.endswith("rotary_emb.inv_freq")]
+        if unexpected:
+            raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r} (and {len(unexpected) - 1} more) "
+                                  f"for {cfg.model_type}")
         dtype = dtype or next(iter(state.values())).dtype
         model = model.to_empty(device=device)
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=False)
@@ -392,10 +396,11 @@ class Transformer(nn.Module):
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.to(dtype=dtype)
 
-    def save_pretrained(self, path, dtype=None, max_shard_bytes: int = 4 << 30, extra_files: Optional[dict] = None):
+    def save_pretrained(self, path, dtype=None, max_shard_bytes: int = 4 << 30, extra=None):
         """Write config.json and model.safetensors (sharded with an index above max_shard_bytes).
         The directory is assembled beside the target and renamed into place, so a crash leaves either
-        the old checkpoint or the new one, never half of each."""
+        the old checkpoint or the new one, never half of each. `extra(tmp_dir)` may add files (the
+        tokenizer, the training state) to the same atomic write."""
         from safetensors.torch import save_file
         path = Path(path)
         dtype = dtype or self.lm_head.weight.dtype
@@ -425,8 +430,8 @@ class Transformer(nn.Module):
                 total = sum(t.numel() * t.element_size() for t in state.values())
                 index = {"metadata": {"total_size": total}, "weight_map": weight_map}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            for name, content in (extra_files or {}).items():
-                (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+            if extra is not None:
+                extra(tmp)
 
         atomic_dir(path, write)
 

@@ -1,0 +1,434 @@
+"""
+Supervised fine-tuning: the base stage, CoT-SFT and CoMT-SFT (paper §3.1) are the same loop on
+different data.
+
+    python sft.py --data data/comt.jsonl --out ckpt/comt              # CoMT-SFT from the shipped base/
+    python sft.py --data data/cot.jsonl --out ckpt/cot                # the CoT-SFT baseline
+    python sft.py --data data/pretrain.jsonl --init scratch --tokenizer base --out base   # base stage
+    python sft.py --data data/comt.jsonl --out ckpt/comt --resume     # continue a killed run exactly
+
+Data lines (jsonl), one of:
+  {"prompt", "completion"[, "eos": false]}  loss on the completion (and its EOS unless eos is false)
+  {"text"}                                  loss on every token
+  {"messages": [{"role", "content"}, ...]}  loss on the assistant turns
+CoMT-SFT maximises log p(meta_thought | question), i.e. L = -sum_t log p(s_t | q, s_<t) over the
+meta-thought tokens only (paper §3.1); CoT-SFT is the same objective on full worked solutions.
+"""
+
+import argparse
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model import CONFIGS, CheckpointError, ModelConfig, Transformer, recover_dir
+
+
+@dataclass
+class SFTConfig:
+    data: str = "data/comt.jsonl"  # training pairs (jsonl: prompt/completion, text or messages)
+    eval_data: str = ""  # held-out pairs for the eval loss; "" = hold out eval_frac of data
+    eval_frac: float = 0.02  # share of data held out when eval_data is empty
+    eval_problems: str = ""  # problems file for greedy answer accuracy at each eval ("" = skip)
+    eval_problems_n: int = 200  # how many of those problems to decode
+    init: str = "auto"  # checkpoint dir to start from; "scratch" = random init; "auto" = base/ or scratch
+    model: str = "embedded"  # named config (model.CONFIGS) when training from scratch
+    tokenizer: str = ""  # tokenizer dir when training from scratch ("" = the init checkpoint's)
+    out: str = "ckpt/sft"  # checkpoint directory written (atomically) every save_every steps and at the end
+    overwrite: bool = False  # allow replacing an existing checkpoint in out without --resume
+    resume: bool = False  # continue from the checkpoint in out: weights, optimizer, step, RNG, data position
+    stop_at: int = 0  # save and stop after this step (0 = run to the end); split a long run, then --resume
+    max_len: int = 512  # tokens per example; longer ones are truncated and counted
+    batch_size: int = 32  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: float = 1.0  # passes over the data (max_steps wins if set)
+    max_steps: int = 0  # optimizer steps; 0 = derived from epochs
+    lr: float = 1e-3  # peak learning rate (from scratch); use ~1e-5 for multi-billion checkpoints
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup_steps: int = 50  # linear warmup
+    weight_decay: float = 0.1  # AdamW decay, on >= 2-D weights only (not norms, biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # global grad-norm clip (0 = off)
+    eval_every: int = 200  # steps between evaluations (0 = only at the end)
+    save_every: int = 200  # steps between checkpoints (0 = only at the end)
+    log_every: int = 10  # steps between log lines
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False  # torch.compile the model (CUDA)
+    attn: str = "sdpa"  # attention backend: sdpa | math | triton
+
+
+class DataError(ValueError):
+    """Bad training input; the message is one line naming file, line and what was expected."""
+
+
+# -----------------------------------------------------------------------------------------------
+# Data: jsonl lines -> (ids, loss mask), then length-bucketed batches
+
+
+PAIR_KEYS = {"prompt", "completion"}
+META_KEYS = {"id", "source", "answer", "eos"}  # tolerated alongside the payload
+
+
+def read_jsonl(path: str) -> list[tuple[int, dict]]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path}: file not found")
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object")
+            rows.append((n, obj))
+    if not rows:
+        raise DataError(f"{path}: no examples")
+    return rows
+
+
+def encode_example(tok, obj: dict, where: str):
+    """One data line -> (ids, mask) with mask 1 on the tokens the loss is taken on."""
+    keys = set(obj) - META_KEYS
+    if keys == PAIR_KEYS:
+        prompt, completion = obj["prompt"], obj["completion"]
+        if not isinstance(prompt, str) or not isinstance(completion, str) or not completion.strip():
+            raise DataError(f"{where}: 'prompt' and 'completion' must be strings and the completion non-empty")
+        return tok.render(prompt, completion, eos=obj.get("eos", True) is not False)
+    if keys == {"text"}:
+        if not isinstance(obj["text"], str) or not obj["text"]:
+            raise DataError(f"{where}: 'text' must be a non-empty string")
+        ids = tok.encode(obj["text"], bos=tok.bos_id is not None, eos=True)
+        return ids, [0 if (i == 0 and tok.bos_id is not None) else 1 for i in range(len(ids))]
+    if keys == {"messages"}:
+        if not isinstance(obj["messages"], list) or not obj["messages"]:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        return tok.render_messages(obj["messages"])
+    raise DataError(f"{where}: fields {sorted(obj)} are not a known format: expected prompt+completion, "
+                    f"text, or messages (optional: {sorted(META_KEYS)})")
+
+
+def load_examples(path: str, tok, max_len: int):
+    examples, truncated = [], 0
+    for n, obj in read_jsonl(path):
+        ids, mask = encode_example(tok, obj, f"{path}:{n}")
+        if len(ids) > max_len:
+            ids, mask = ids[:max_len], mask[:max_len]
+            truncated += 1
+        if sum(mask[1:]) == 0:  # nothing left to learn after truncation
+            raise DataError(f"{path}:{n}: no loss tokens within max_len={max_len}")
+        examples.append((ids, mask))
+    return examples, truncated
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """A deterministic function of (seed, epoch): shuffle, sort chunks of 64 batches by length so a
+    batch holds similar lengths (little padding), then shuffle the batch order. Resume recomputes it."""
+    rng = random.Random(seed * 100003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch_size * 64
+    batches = []
+    for i in range(0, len(order), chunk):
+        part = sorted(order[i:i + chunk], key=lambda j: lengths[j])
+        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples, idx, pad_id: int, device):
+    """Right padding: causal attention never lets a real token see a pad, so no mask is needed and
+    positions are 0..len-1 as in the unpadded example. Targets are the next tokens; -100 = no loss."""
+    T = max(len(examples[i][0]) for i in idx)
+    x = torch.full((len(idx), T), pad_id, dtype=torch.long)
+    y = torch.full((len(idx), T), -100, dtype=torch.long)
+    for r, i in enumerate(idx):
+        ids, mask = examples[i]
+        x[r, :len(ids)] = torch.tensor(ids)
+        tgt = torch.tensor(ids[1:])
+        tgt[torch.tensor(mask[1:]) == 0] = -100
+        y[r, :len(ids) - 1] = tgt
+    return x.to(device), y.to(device)
+
+
+def lr_at(step: int, cfg: SFTConfig, total: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def configure_optimizer(model, cfg: SFTConfig, device: str):
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device == "cuda")
+
+
+# PaLM appendix B: 6N FLOPs per token for the weights plus 12·L·H·D·T for attention (fwd + bwd).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int, T: int) -> float:
+    return 6 * n_params + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * T
+
+
+def peak_flops(device: str) -> float:
+    if device != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+
+
+# -----------------------------------------------------------------------------------------------
+# Checkpoint I/O
+
+
+def save_checkpoint(out: str, model, tok, cfg: SFTConfig, state: dict):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+
+    def extra(tmp: Path):
+        tok.save(tmp)
+        (tmp / "train_state.pt").write_bytes(buf.getvalue())
+        (tmp / "sft_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+
+    model.save_pretrained(out, dtype=torch.float32, extra=extra)
+
+
+def append_metrics(out: str, row: dict):
+    with open(Path(out) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def trim_metrics(out: str, step: int):
+    """On resume, forget log lines written after the checkpoint we resume from."""
+    p = Path(out) / "metrics.jsonl"
+    if p.exists():
+        keep = [l for l in p.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        os.replace(tmp, p)
+
+
+# -----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def eval_loss(model, examples, cfg: SFTConfig, pad_id: int, device, autocast) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    idx = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    for k in range(0, len(idx), cfg.batch_size):
+        x, y = collate(examples, idx[k:k + cfg.batch_size], pad_id, device)
+        with autocast:
+            logits = model(x)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+        count += (y != -100).sum().item()
+    model.train()
+    return total / max(1, count)
+
+
+# -----------------------------------------------------------------------------------------------
+# Training
+
+
+def resolve_device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def setup(cfg: SFTConfig):
+    """Validate every input before anything is written: model, tokenizer, data."""
+    from tokenizer import Tokenizer
+    out = Path(cfg.out)
+    recover_dir(out)
+    has_ckpt = (out / "config.json").exists()
+    if cfg.resume and not (out / "train_state.pt").exists():
+        raise DataError(f"{out}: --resume given but there is no checkpoint with train_state.pt to resume from")
+    if has_ckpt and not cfg.resume and not cfg.overwrite:
+        raise DataError(f"{out}: a checkpoint already exists; pass --resume to continue it or --overwrite")
+    init = cfg.init
+    if init == "auto":
+        init = "base" if (Path("base") / "config.json").exists() else "scratch"
+    src = str(out) if cfg.resume else init
+    if src == "scratch":
+        if not cfg.tokenizer:
+            raise DataError("--init scratch needs --tokenizer DIR (e.g. the one `python tokenizer.py train` writes)")
+        tok = Tokenizer.load(cfg.tokenizer)
+        if cfg.model not in CONFIGS:
+            raise DataError(f"--model {cfg.model!r}: expected one of {sorted(CONFIGS)}")
+        mc = dict(CONFIGS[cfg.model])
+        mc["vocab_size"] = (tok.vocab_size + 63) // 64 * 64  # padded to a multiple of 64 for fast matmuls
+        mc.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        torch.manual_seed(cfg.seed)
+        model = Transformer(ModelConfig(**mc), attn=cfg.attn)
+    else:
+        if not (Path(src) / "config.json").exists():
+            raise DataError(f"--init {src}: not a checkpoint directory (no config.json)")
+        model = Transformer.from_pretrained(src, attn=cfg.attn)
+        tok = Tokenizer.load(cfg.tokenizer or src)
+        if tok.vocab_size > model.config.vocab_size:
+            raise DataError(f"--init {src}: tokenizer has {tok.vocab_size} ids but the model only "
+                            f"{model.config.vocab_size} embedding rows")
+    train, truncated = load_examples(cfg.data, tok, cfg.max_len)
+    if cfg.eval_data:
+        held, _ = load_examples(cfg.eval_data, tok, cfg.max_len)
+    else:  # a fixed slice, the same on resume
+        n_eval = min(len(train) // 2, max(1, int(len(train) * cfg.eval_frac))) if cfg.eval_frac > 0 else 0
+        held, train = train[len(train) - n_eval:], train[:len(train) - n_eval]
+    problems = None
+    if cfg.eval_problems:
+        from data import load_problems
+        problems = load_problems(cfg.eval_problems)[:cfg.eval_problems_n]
+    return model, tok, train, held, truncated, problems
+
+
+def train(cfg: SFTConfig):
+    device = resolve_device(cfg.device)
+    model, tok, examples, held, truncated, problems = setup(cfg)
+    out = Path(cfg.out)
+    model.to(device).train()
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device == "cuda")
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16)
+    fwd = torch.compile(model) if cfg.compile else model
+    opt = configure_optimizer(model, cfg, device)
+
+    lengths = [len(ids) for ids, _ in examples]
+    micro_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
+    total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    n_params = model.num_params()
+    print(f"model: {model.config.model_type} {n_params / 1e6:.2f}M params | data: {len(examples)} train, "
+          f"{len(held)} held out, {truncated} truncated to {cfg.max_len} tokens | "
+          f"{total} steps x {cfg.batch_size * cfg.grad_accum} examples | device {device}"
+          f"{' bf16' if use_bf16 else ''}")
+    print(json.dumps(asdict(cfg)))
+
+    step, wall = 0, 0.0
+    torch.manual_seed(cfg.seed)
+    if cfg.resume:
+        st = torch.load(out / "train_state.pt", weights_only=True)
+        opt.load_state_dict(st["optimizer"])
+        step, wall = st["step"], st["wall_time_s"]
+        torch.set_rng_state(st["rng"])
+        trim_metrics(out, step)
+        print(f"resumed {out} at step {step}")
+
+    def state():
+        return {"optimizer": opt.state_dict(), "step": step, "wall_time_s": wall, "rng": torch.get_rng_state()}
+
+    if not cfg.resume:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+    def evaluate_now():
+        row = {"step": step, "eval_loss": eval_loss(fwd, held, cfg, tok.pad_id, device, autocast) if held else None}
+        if problems:
+            from eval import evaluate
+            model.eval()
+            res = evaluate(model, tok, problems, batch_size=64, max_new_tokens=cfg.max_len)
+            model.train()
+            row["eval_accuracy"] = res["accuracy"]
+        return row
+
+    flops_tok, peak = flops_per_token(model.config, n_params, cfg.max_len), peak_flops(device)
+    bar = tqdm(total=total, initial=step, desc="sft", dynamic_ncols=True, disable=None)
+    t_log, tok_log = time.time(), 0
+    while step < total:
+        t0 = time.time()
+        # 1. The micro-batches of this optimizer step, at a position that is a pure function of step.
+        micro = []
+        for m in range(cfg.grad_accum):
+            g = step * cfg.grad_accum + m
+            batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, g // micro_per_epoch)
+            micro.append(collate(examples, batches[g % micro_per_epoch], tok.pad_id, device))
+        n_tgt = sum(int((y != -100).sum()) for _, y in micro)  # token-level mean over the whole step
+        # 2. Forward / backward, loss = mean NLL over the step's loss tokens.
+        lr = lr_at(step, cfg, total)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for x, y in micro:
+            with autocast:
+                logits = fwd(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum") / n_tgt
+            loss.backward()
+            loss_sum += loss.item()
+            tok_log += x.numel()
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"loss is {loss_sum} at step {step}; stopped, the last checkpoint in {out} is intact")
+        # 3. Clip and step.
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        wall += time.time() - t0
+        bar.update(1)
+        # 4. Log, evaluate, save.
+        row = None
+        if step % cfg.log_every == 0 or step == total:
+            dt = time.time() - t_log
+            tps = tok_log / max(dt, 1e-9)
+            row = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tok_per_s": tps, "wall_time_s": wall}
+            msg = f"step {step}/{total} loss {loss_sum:.4f} lr {lr:.2e} gnorm {gnorm:.2f} tok/s {tps:,.0f}"
+            if peak:
+                row["mfu"] = tps * flops_tok / peak
+                msg += f" mfu {100 * row['mfu']:.1f}%"
+            bar.write(msg)
+            t_log, tok_log = time.time(), 0
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+            ev = evaluate_now()
+            bar.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()))
+            row = {**(row or {"step": step, "wall_time_s": wall}), **ev}
+        if row:
+            append_metrics(out, row)
+        if (cfg.save_every and step % cfg.save_every == 0) or step in (total, cfg.stop_at):
+            save_checkpoint(out, model, tok, cfg, state())
+        if step == cfg.stop_at:
+            break
+    bar.close()
+    print(f"done: {step} steps in {wall:.1f}s of training; checkpoint in {out}")
+    return model
+
+
+def parse_args(argv=None) -> SFTConfig:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(SFTConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool" or f.type is bool:
+            ap.add_argument(flag, action="store_true", default=f.default)
+        else:
+            ap.add_argument(flag, type=type(f.default), default=f.default)
+    return SFTConfig(**vars(ap.parse_args(argv)))
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except (ValueError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

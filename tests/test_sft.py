@@ -1,0 +1,174 @@
+"""sft.py: loss mask, overfitting, exact resume, crash safety, transformers parity, bad inputs."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import sft
+from model import Transformer
+from tokenizer import Tokenizer, train_bpe
+
+ROOT = Path(sft.__file__).resolve().parent
+
+PAIRS = [
+    {"prompt": f"Question: what is {a} plus {b}?\n", "completion": f"{a} + {b} = {a + b}\nThe answer is {a + b}."}
+    for a, b in [(3, 4), (12, 5), (7, 8), (21, 30), (9, 9), (14, 2), (6, 11), (40, 2)]
+]
+
+
+@pytest.fixture(scope="module")
+def tokdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    texts = [p["prompt"] + p["completion"] for p in PAIRS] * 4 + ["Tom has some apples and shares them."]
+    train_bpe(texts, 300).save(d)
+    return d
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_cli(args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "sft.py"), *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def base_args(tmp_path, tokdir, out="out", **kw):
+    args = dict(data=write_jsonl(tmp_path / "train.jsonl", PAIRS), init="scratch", tokenizer=tokdir, model="tiny",
+                out=tmp_path / out, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=0, save_every=0,
+                log_every=5, eval_frac=0.0)
+    args.update(kw)
+    return args
+
+
+def cfg_of(**kw):
+    return sft.SFTConfig(**{k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()})
+
+
+def test_loss_mask_is_exactly_the_completion(tokdir):
+    tok = Tokenizer.load(tokdir)
+    p = PAIRS[0]
+    ids, mask = sft.encode_example(tok, p, "x")
+    n_prompt = 1 + len(tok.encode(p["prompt"]))  # BOS + prompt
+    comp = tok.encode(p["completion"])
+    assert ids == [tok.bos_id] + tok.encode(p["prompt"]) + comp + [tok.eos_id]
+    assert mask == [0] * n_prompt + [1] * (len(comp) + 1)
+    # collate: targets are the next tokens, and exactly the completion (+EOS) carries loss.
+    x, y = sft.collate([(ids, mask), (ids[:5], [0] * 5)], [0, 1], tok.pad_id, "cpu")
+    assert y[0][y[0] != -100].tolist() == comp + [tok.eos_id]
+    assert (y[1] == -100).all()
+    # eos: false (a CoMT prefix the student continues): no EOS trained.
+    ids2, mask2 = sft.encode_example(tok, {**p, "eos": False}, "x")
+    assert ids2[-1] != tok.eos_id and sum(mask2) == len(comp)
+
+
+def test_tiny_model_overfits(tmp_path, tokdir):
+    cfg = cfg_of(**base_args(tmp_path, tokdir, max_steps=300, lr=5e-3))
+    sft.train(cfg)
+    rows = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < 0.05, rows[-1]
+    assert rows[0]["loss"] > 1.0
+
+
+def test_resume_is_bit_identical(tmp_path, tokdir):
+    args = base_args(tmp_path, tokdir, max_steps=8, grad_accum=2, batch_size=2)
+    assert run_cli(sum(([f"--{k.replace('_', '-')}", v] for k, v in args.items()), []), tmp_path).returncode == 0
+    a = (tmp_path / "out" / "model.safetensors").read_bytes()
+    args2 = {**args, "out": tmp_path / "out2"}
+    flat = sum(([f"--{k.replace('_', '-')}", v] for k, v in args2.items()), [])
+    r = run_cli(flat + ["--stop-at", 3], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "out2" / "sft_config.json").read_text())["stop_at"] == 3
+    r = run_cli(flat + ["--resume"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resumed" in r.stdout
+    assert (tmp_path / "out2" / "model.safetensors").read_bytes() == a
+    steps = [json.loads(l)["step"] for l in (tmp_path / "out2" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # no duplicated log lines across the resume
+
+
+def test_checkpoint_loads_in_transformers(tmp_path, tokdir):
+    transformers = pytest.importorskip("transformers")
+    sft.train(cfg_of(**base_args(tmp_path, tokdir, max_steps=3)))
+    ours = Transformer.from_pretrained(tmp_path / "out").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-5
+    assert Tokenizer.load(tmp_path / "out").encode("The answer is 7.") == Tokenizer.load(tokdir).encode("The answer is 7.")
+
+
+@pytest.mark.parametrize("where", ["inside_write", "between_renames"])
+def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path, tokdir, where):
+    """A process killed while writing a checkpoint leaves the previous one loadable."""
+    sft.train(cfg_of(**base_args(tmp_path, tokdir, max_steps=2)))
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import model, sft
+        where = {where!r}
+        if where == "inside_write":
+            real = sft.save_checkpoint
+            def dying_extra(*a, **k):
+                os.kill(os.getpid(), signal.SIGKILL)
+            orig = model.Transformer.save_pretrained
+            def save(self, path, dtype=None, max_shard_bytes=4 << 30, extra=None):
+                return orig(self, path, dtype, max_shard_bytes, extra=lambda tmp: (extra(tmp), dying_extra()))
+            model.Transformer.save_pretrained = save
+        else:
+            real_replace = os.replace
+            calls = []
+            def replace(a, b):
+                real_replace(a, b)
+                calls.append(a)
+                if str(b).endswith(".old"):
+                    os.kill(os.getpid(), signal.SIGKILL)
+            model.os.replace = replace
+        sft.main(sys.argv[1:])
+    """)
+    args = base_args(tmp_path, tokdir, max_steps=4, lr=0.05)
+    args["overwrite"] = None
+    flat = []
+    for k, v in args.items():
+        flat += [f"--{k.replace('_', '-')}"] + ([] if v is None else [str(v)])
+    r = subprocess.run([sys.executable, "-c", script, *flat], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == -9, r.stderr
+    m = Transformer.from_pretrained(tmp_path / "out")  # puts a checkpoint caught between renames back
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+    assert m.config.vocab_size > 0 and (tmp_path / "out" / "train_state.pt").exists()
+
+
+def test_bad_inputs_one_line_exit_2(tmp_path, tokdir):
+    good = base_args(tmp_path, tokdir, max_steps=2)
+    assert run_cli(sum(([f"--{k.replace('_', '-')}", v] for k, v in good.items()), []), tmp_path).returncode == 0
+    ckpt = (tmp_path / "out" / "model.safetensors").read_bytes()
+
+    def bad(expect, **override):
+        args = {**good, **override}
+        r = run_cli(sum(([f"--{k.replace('_', '-')}", v] for k, v in args.items()), []) + ["--overwrite"], tmp_path)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr
+        assert (tmp_path / "out" / "model.safetensors").read_bytes() == ckpt  # nothing overwritten
+
+    bad("not found", data=tmp_path / "missing.jsonl")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(PAIRS[0]) + "\n{not json\n")
+    bad("bad.jsonl:2", data=tmp_path / "bad.jsonl")
+    bad("empty.jsonl:1", data=write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "Q\n", "completion": " "}]))
+    bad("unk.jsonl:1", data=write_jsonl(tmp_path / "unk.jsonl", [{"prompt": "Q\n", "answer_text": "x"}]))
+    bad("no config.json", init=tmp_path / "nowhere")
+    # An --init whose embedding is smaller than the tokenizer.
+    small = Transformer(sft.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2))
+    small.save_pretrained(tmp_path / "small")
+    Tokenizer.load(tokdir).save(tmp_path / "small")
+    bad("embedding rows", init=tmp_path / "small")
+    # Without --overwrite or --resume an existing checkpoint is refused.
+    r = run_cli(sum(([f"--{k.replace('_', '-')}", v] for k, v in good.items()), []), tmp_path)
+    assert r.returncode == 2 and "already exists" in r.stderr
