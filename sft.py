@@ -342,7 +342,7 @@ def train(cfg: SFTConfig):
         if problems:
             from eval import evaluate
             model.eval()
-            res = evaluate(model, tok, problems, batch_size=64, max_new_tokens=cfg.max_len)
+            res = evaluate(model, tok, problems, batch_size=64, max_new_tokens=cfg.max_len, progress=False)
             model.train()
             row["eval_accuracy"] = res["accuracy"]
         return row

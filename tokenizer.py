@@ -187,7 +187,6 @@ class Tokenizer:
         except KeyError:
             return "\ufffd".encode()
 
-    decode_token_bytes = token_bytes  # the name ppo.py calls
 
     # ---------------------------------------------------------------- rendering training pairs
     def render(self, prompt, completion=None, eos=True, max_len=None):

@@ -284,7 +284,7 @@ def test_render_plain_masks_exactly_the_completion(embedded):
     assert ids == [tok.bos_id] + tok.encode("Q?\n") and mask == [0] * len(ids)
     ids = ids[1:]
     assert len({tok.bos_id, tok.eos_id, tok.pad_id}) == 3
-    assert b"".join(map(tok.token_bytes, ids)) == b"Q?\n" and tok.decode_token_bytes(tok.bos_id) == b"<|bos|>"
+    assert b"".join(map(tok.token_bytes, ids)) == b"Q?\n" and tok.token_bytes(tok.bos_id) == b"<|bos|>"
     assert tok.decode([*tok.encode("ok"), tok.vocab_size + 7]) == "ok\ufffd"  # e.g. an embedding padding row
 
 
