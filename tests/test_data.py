@@ -1,0 +1,499 @@
+"""Tests for data.py: numbers and answers, the embedded world, teachers, loaders, CLI."""
+import http.server
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import data
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = dict(n_train=400, n_test=100, n_ood=80, n_pretrain=600, n_pretrain_test=60)
+
+
+def read(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    summary = data.build_world(data.WorldConfig(out=str(out), seed=3, **SMALL))
+    splits = {s: read(out / "world" / f"{s}.jsonl") for s in data.SPLITS}
+    return {"out": out, "summary": summary, "splits": splits, "pretrain": [r["text"] for r in read(out / "pretrain.jsonl")],
+            "pretrain_test": read(out / "pretrain_test.jsonl"), "cot": read(out / "cot.jsonl"),
+            "comt": read(out / "comt.jsonl")}
+
+
+# ----------------------------------------------------------------------------- numbers and answers
+
+@pytest.mark.parametrize("s,v", [("12", 12), ("1,234", 1234), ("-5", -5), ("3.5", 3.5), (".5", 0.5), ("3/4", 0.75),
+                                 ("1 1/2", 1.5), ("$5", 5), ("50%", 50), ("72.", 72), ("-1,000.25", -1000.25)])
+def test_parse_number(s, v):
+    assert data.parse_number(s) == pytest.approx(v)
+
+
+@pytest.mark.parametrize("s", ["abc", "", "5 apples", "1/0", "x2", "3:30"])
+def test_parse_number_rejects(s):
+    assert data.parse_number(s) is None
+
+
+def test_number_spans_and_answers():
+    text = "Step 2: x2 = 10-3 and -4 or 1,200.5 with 3/4 of per_bag7"
+    got = [(text[s:e], v) for s, e, v in data.number_spans(text)]
+    assert got == [("2", 2), ("10", 10), ("3", 3), ("-4", -4), ("1,200.5", 1200.5), ("3/4", 0.75)]
+    assert data.normalize_answer("9 (apples)") == "9" and data.normalize_answer("$1,200.50") == "1200.5"
+    assert data.normalize_answer("3/4") == "0.75" and data.normalize_answer("-9867630.0") == "-9867630"
+    assert data.normalize_answer("3:30 p.m.") is None and data.normalize_answer("Yes") is None
+    assert data.extract_answer("a\nThe answer is 1,234.\n") == "1,234"
+    assert data.extract_answer("The answer is 3.5.") == "3.5" and data.extract_answer("no answer") is None
+    assert data.extract_answer("The answer is 2.\nThe answer is 7.") == "7"
+    assert data.answers_match("1,234", "1234") and data.answers_match("72.0", "72")
+    assert not data.answers_match("73", "72") and not data.answers_match(None, "72") and not data.answers_match("x", "1")
+
+
+def test_safe_eval_only_arithmetic():
+    steps = []
+    assert data.safe_eval("(48 - 6) / 2 * 3", steps=steps) == 63 and steps == [42, 21, 63]
+    for bad in ["__import__('os')", "a + 1", "[1][0]", "2 ** 100", "1 / 0", "open('x')"]:
+        with pytest.raises((ValueError, SyntaxError)):
+            data.safe_eval(bad)
+
+
+# ----------------------------------------------------------------------------- the embedded world
+
+def test_world_is_deterministic(world, tmp_path):
+    data.build_world(data.WorldConfig(out=str(tmp_path / "a"), seed=3, **SMALL))
+    names = ["pretrain.jsonl", "pretrain_test.jsonl", "cot.jsonl", "comt.jsonl"] + [f"world/{s}.jsonl" for s in data.SPLITS]
+    for n in names:
+        assert (tmp_path / "a" / n).read_bytes() == (world["out"] / n).read_bytes(), n
+    data.build_world(data.WorldConfig(out=str(tmp_path / "b"), seed=4, **SMALL))
+    assert (tmp_path / "b" / "world/train.jsonl").read_bytes() != (world["out"] / "world/train.jsonl").read_bytes()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_split_sizes_and_no_test_question_in_train(world):
+    s = world["splits"]
+    assert [len(s[k]) for k in data.SPLITS] == [400, 100] + [80] * 5
+    train = {p["question"] for p in s["train"]}
+    assert len(train) == 400
+    for name in data.SPLITS[1:]:
+        qs = [p["question"] for p in s[name]]
+        assert len(set(qs)) == len(qs) and not train & set(qs), name
+        assert all(p["source"] == f"world/{name}" and p["id"].startswith(name) for p in s[name])
+
+
+def _numbers(p):
+    return [v for _, _, v in data.number_spans(p["question"])] + [float(x) for x in p["intermediates"]]
+
+
+def test_ood_properties(world):
+    s = world["splits"]
+    train_max = sorted(max(_numbers(p)) for p in s["train"])
+    hard_max = sorted(max(_numbers(p)) for p in s["ood_hard"])
+    assert max(train_max) <= 999 and hard_max[len(hard_max) // 2] >= 100 * train_max[len(train_max) // 2] / 2
+    assert min(hard_max) > max(train_max)                                # every hard problem leaves the ID range
+    assert max(p["steps"] for p in s["train"]) <= 4 < min(p["steps"] for p in s["ood_deep"])
+    assert {p["steps"] for p in s["train"]} == {2, 3, 4}
+    train_fams, train_tpl = {p["family"] for p in s["train"]}, {p["template"] for p in s["train"]}
+    assert train_fams == set(data.TASK_FAMILIES)
+    assert {p["family"] for p in s["ood_novel"]} == set(data.NOVEL_FAMILIES) and not train_fams & set(data.NOVEL_FAMILIES)
+    assert not train_tpl & {p["template"] for p in s["ood_novel"]}
+    table = re.compile(r"^[^|\n]+( \| [^|\n]+)+$", re.M)
+    assert all(len(table.findall(p["question"])) >= 2 for p in s["ood_table"])    # a header and a row at least
+    assert not any("|" in p["question"] for name in ("train", "test_id") for p in s[name])
+    assert {p["template"] for p in s["ood_table"]} <= {f"{f}/table" for f in data.TABLE_FAMILIES}
+    sym = s["ood_symbolic"]
+    assert {p["template"] for p in sym} <= train_tpl
+    train_ents = {e for p in s["train"] for e in p["entities"]}
+    assert all(p["entities"] and not set(p["entities"]) & train_ents for p in sym)
+    pool0 = {n.split(":")[0] for n in data.NAMES[0]}
+    assert all(not any(re.search(rf"\b{n}\b", p["question"]) for n in pool0) for p in sym)
+
+
+def _check_solution(p):
+    anns = data.annotations(p["solution"])
+    assert anns, p["id"]
+    for expr, stated in anns:
+        assert data.safe_eval(expr) == pytest.approx(float(stated)), (p["id"], expr)
+        assert float(stated) >= 0 and float(stated) == int(float(stated))
+    assert p["intermediates"] == [stated for _, stated in anns]
+    assert p["answer"] == p["intermediates"][-1] and p["solution"].endswith(f"The answer is {p['answer']}.")
+    values = data.program_values(p["program"])
+    assert [str(values[st[0]]) for st in p["program"]["steps"]] == p["intermediates"]
+    used = {x for st in p["program"]["steps"] for x in st[1:4:2]}
+    assert {g[0] for g in p["program"]["givens"]} <= used                       # no unused given
+    qv = data.question_values(p["question"])
+    assert all(any(data._same(g[1], q) for q in qv) for g in p["program"]["givens"])  # every given is in the question
+
+
+def test_annotations_evaluate_and_match_intermediates(world):
+    for name, rows in world["splits"].items():
+        for p in rows:
+            _check_solution(p)
+            assert p["steps"] == len(p["intermediates"])
+    for p in world["pretrain_test"]:
+        _check_solution(p)
+
+
+def test_sft_pairs(world):
+    train = {p["id"]: p for p in world["splits"]["train"]}
+    assert [r["id"] for r in world["cot"]] == [r["id"] for r in world["comt"]] == list(train)
+    for cot, comt in zip(world["cot"], world["comt"]):
+        p = train[cot["id"]]
+        assert cot["prompt"] == comt["prompt"] == f"Question: {p['question']}\n"
+        assert "<<" not in cot["completion"] and data.extract_answer(cot["completion"]) == p["answer"]
+        assert "eos" not in cot and comt["eos"] is False
+        m = comt["completion"]
+        assert m.startswith("Plan:\nLet ") and m.endswith(f"The answer is {p['program']['steps'][-1][0]}.\nExecution:\n")
+        assert not re.search(r"\d", m)                                          # not even a question number
+        assert data.check_meta_thought(m, p["question"]) == m
+        text = p["question"] + "\n" + m + data.program_execution(p["program"])  # what the student writes after
+        assert data.extract_answer(text) == p["answer"]
+    s = world["summary"]
+    assert s["tokenizer"] is None and set(s["cot"]) == {"chars", "words"} and s["comt"]["chars"] > 0
+
+
+def test_validator():
+    q = "Tom has 5 bags with 3 apples in each and eats half of 1,200 grapes. 3/4 of them are red."
+    ok = "Plan:\nLet bags be the bags.\nStep 2: apples = bags * per_bag.\n1. Multiply.\nx2 = 5 * 3 with 1,200 and 3/4 and 2."
+    assert data.find_computed_numbers(ok, q) == []
+    assert data.find_computed_numbers("apples = 5 * 3 = 15, then 7.5 and -4 and 4/3 and 4/2 and 21. and Step 25", q) == \
+        ["15", "7.5", "-4", "4/3", "21", "25"]                                  # 4/2 is 2: "half" states it
+    with pytest.raises(data.Rejected, match="computed number 15"):
+        data.check_meta_thought("Plan:\napples = 5 * 3 = 15.\nExecution:\n", q)
+    with pytest.raises(data.Rejected, match="empty"):
+        data.check_meta_thought("Plan:\n\nExecution:\n", q)
+    assert data.question_values("twenty-five cats, a dozen eggs, 10% off") == [10, 20, 5, 12, 25, 100]
+
+
+# ----------------------------------------------------------------------------- the base corpus
+
+def test_base_corpus(world):
+    assert not set(data.BASE_FAMILIES) & (set(data.TASK_FAMILIES) | set(data.NOVEL_FAMILIES))
+    assert {p["family"] for p in world["pretrain_test"]} == set(data.BASE_FAMILIES)
+    texts = world["pretrain"]
+    assert len(texts) == 600
+    kinds = {k: [t for t in texts if t.startswith(pre)] for k, pre in
+             [("plan", "Question:"), ("binding", "Given:"), ("story", "Story:")]}
+    plan = [t for t in kinds["plan"] if "\nPlan:\n" in t]
+    cot = [t for t in kinds["plan"] if "\nPlan:\n" not in t]
+    drills = [t for t in texts if re.fullmatch(r"(\d+ [-+*/] \d+ = \d+\n?)+", t)]
+    assert plan and cot and drills and kinds["binding"] and kinds["story"]
+    assert len(plan) + len(cot) + len(drills) + len(kinds["binding"]) + len(kinds["story"]) == len(texts)
+    task_q = {p["question"] for rows in world["splits"].values() for p in rows}
+    held = {p["question"] for p in world["pretrain_test"]}
+    for t in kinds["plan"]:
+        q = t.split("\n")[0].removeprefix("Question: ")
+        assert q not in task_q and q not in held
+    n_lines = 0
+    for t in plan + kinds["binding"] + drills:                                  # every written computation is right
+        for line in t.splitlines():
+            m = re.fullmatch(r"(?:\w+ = \w+ [-+*/] \w+ = )?(\d+ [-+*/] \d+) = (\d+)", line)
+            if m:
+                assert data.safe_eval(m.group(1)) == int(m.group(2)), line
+                n_lines += 1
+        assert t.endswith(".") or t in drills
+        if t not in drills:
+            assert data.extract_answer(t) is not None and re.search(r"\nExecution:\n\w+ = \d+\n", t)
+    assert n_lines > 1000
+    biggest = max(v for t in texts for _, _, v in data.number_spans(t))
+    hard = max(float(x) for p in world["splits"]["ood_hard"] for x in p["intermediates"])
+    assert biggest >= hard                                                     # the OOD magnitudes are not new
+    assert data.load_problems(world["out"] / "pretrain_test.jsonl")[0]["id"] == "pretrain_test-00000"
+
+
+# ----------------------------------------------------------------------------- the rule teacher
+
+NATALIA = {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                       "How many clips did Natalia sell altogether in April and May?",
+           "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+                     "altogether in April and May.\n#### 72"}
+
+
+def test_rule_teacher_constructed(tmp_path):
+    p = data.problem_from(NATALIA, "x:1", "natalia")
+    assert p["answer"] == "72" and p["intermediates"] == ["24", "72"] and p["source"] == "gsm8k"
+    assert data.rule_teacher(p) == (
+        'Plan:\nLet friends_april be the number in "48 of her friends in April".\n'
+        "Find clips in May: clips_may = friends_april / two.\n"
+        "Find clips altogether in April and May: clips_altogether = friends_april + clips_may.\n"
+        "The answer is clips_altogether.\nExecution:\n")
+    assert data.rule_teacher(p, "cot") == ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips "
+                                           "altogether in April and May.\nThe answer is 72.")
+    bad = [("<<48/2=25>>", "does not evaluate"), ("<<48/2*37/37=24>>", "number 37 in"), ("<<48/x=24>>", "not arithmetic")]
+    for ann, why in bad:
+        with pytest.raises(data.Rejected, match=why):
+            data.rule_teacher(dict(p, solution=p["solution"].replace("<<48/2=24>>", ann)))
+    with pytest.raises(data.Rejected, match="no <<expr=value>>"):
+        data.rule_teacher(dict(p, solution="It is 72.\n#### 72"))
+    with pytest.raises(data.Rejected, match="answer 73"):
+        data.rule_teacher(dict(p, answer="73"))
+    # the CLI path: a GSM8K-format file in, pairs and rejections out
+    src = tmp_path / "g.jsonl"
+    src.write_text(json.dumps(NATALIA) + "\n" + json.dumps(dict(NATALIA, answer="It is 72.\n#### 72")) + "\n")
+    out = tmp_path / "comt.jsonl"
+    assert data.main(["teach", "--teacher", "rule", "--problems", str(src), "--out", str(out)]) == 0
+    pairs, rej = read(out), read(tmp_path / "comt.rejected.jsonl")
+    assert [r["id"] for r in pairs] == ["g-1"] and pairs[0]["eos"] is False and [r["id"] for r in rej] == ["g-2"]
+
+
+def test_programmatic_teacher_cli(world, tmp_path):
+    for kind in ("comt", "cot"):
+        out = tmp_path / f"{kind}.jsonl"
+        assert data.main(["teach", "--problems", str(world["out"] / "world/train.jsonl"), "--out", str(out),
+                          "--kind", kind]) == 0
+        assert out.read_bytes() == (world["out"] / f"{kind}.jsonl").read_bytes()
+        assert read(tmp_path / f"{kind}.rejected.jsonl") == []
+    src = tmp_path / "g.jsonl"
+    src.write_text(json.dumps(NATALIA) + "\n")
+    assert data.teach(data.TeacherConfig(problems=str(src), out=str(tmp_path / "x.jsonl")))["rejected"] == 1
+    assert "no 'program' field" in read(tmp_path / "x.rejected.jsonl")[0]["reason"]
+
+
+def test_rule_teacher_on_world_problems(world):
+    rows = world["splits"]["train"][:200] + world["splits"]["ood_deep"][:50]
+    for p in rows:
+        m = data.rule_teacher(p)
+        assert m.count("\nFind ") == p["steps"] and m.endswith(".\nExecution:\n")
+        assert data.find_computed_numbers(m, p["question"]) == []
+        assert len(re.findall(r" = ", m)) == p["steps"]
+
+
+def test_rule_teacher_on_real_gsm8k(shared):
+    problems = data.load_problems(shared / "datasets/gsm8k/train.jsonl")
+    assert len(problems) == 7473 and problems[0]["intermediates"] == ["24", "72"] and problems[0]["answer"] == "72"
+    ok, reasons = [], []
+    for p in problems[:400]:
+        try:
+            ok.append((p, data.rule_teacher(p)))
+        except data.Rejected as e:
+            reasons.append(str(e))
+    assert len(ok) >= 0.6 * 400, reasons[:10]
+    for p, m in ok:
+        assert m.startswith("Plan:\n") and m.endswith("Execution:\n")
+        assert data.find_computed_numbers(m, p["question"]) == []
+        qv, mv = data.question_values(p["question"]), [v for _, _, v in data.number_spans(m)]
+        for c in map(float, p["intermediates"]):                                 # no computed value leaks in
+            assert any(data._same(c, q) for q in qv) or not any(data._same(c, v) for v in mv), (c, m)
+    assert all(reasons) and all(data.extract_answer(data.rule_teacher(p, "cot")) == p["answer"] for p, _ in ok[:50])
+
+
+# ----------------------------------------------------------------------------- the openai teacher
+
+class FakeTeacher(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    mode = "mixed"
+    calls: dict
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert self.path == "/v1/chat/completions" and body["model"] == "teacher-x"
+        content = body["messages"][0]["content"]
+        assert content.startswith(data.COMT_INSTRUCTION)
+        key = re.search(r"Question: (\w+)", content).group(1)
+        calls = self.server.calls
+        calls[key] = calls.get(key, 0) + 1
+        self.server.auth = self.headers.get("Authorization")
+        mode = "good" if self.server.mode == "good" and key != "number" else key
+        if mode == "flaky":
+            mode = "fail" if calls[key] == 1 else "good"
+        try:
+            if mode == "slow":
+                time.sleep(1.5)
+            if mode in ("fail", "notfound"):
+                self.send_error(500 if mode == "fail" else 404)
+                return
+            payload = (b"<html>oops" if mode == "garbage" else json.dumps({"choices": [{"message": {"content":
+                       "Let apples be the apples Tom has.\napples = bags * each = 6 * 4 = 24." if mode == "number" else
+                       "Plan:\nLet bags be the bags and each the apples per bag.\napples = bags * each.\nExecution:\n"
+                       "junk"}}]}).encode())
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@pytest.fixture
+def server():
+    srv = FakeTeacher(("127.0.0.1", 0), Handler)
+    srv.calls = {}
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_openai_teacher(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEACHER_KEY", "sk-test")
+    keys = ["good", "good2", "good3", "slow", "fail", "garbage", "flaky", "number", "notfound"]
+    probs = [{"id": k, "question": f"{k} Tom has 6 bags with 4 apples each. How many apples?", "answer": "24"} for k in keys]
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps(p) + "\n" for p in probs))
+    # the Handler keys on the first word after "Question: "; keys like "good2" are words too
+    out = tmp_path / "comt.jsonl"
+    cfg = data.TeacherConfig(teacher="openai", problems=str(src), out=str(out), teacher_model="teacher-x",
+                             teacher_url=f"http://127.0.0.1:{server.server_address[1]}/v1", workers=4, timeout=0.5,
+                             retries=1, backoff=0.01, api_key_env="TEACHER_KEY")
+    stats = data.teach(cfg)
+    assert server.auth == "Bearer sk-test"
+    pairs, rej = read(out), read(tmp_path / "comt.rejected.jsonl")
+    assert sorted(r["id"] for r in pairs) == ["flaky", "good", "good2", "good3"]
+    assert stats == {"written": 4, "rejected": 1, "transport": 4, "skipped": 0}
+    why = {r["id"]: (r["kind"], r["reason"]) for r in rej}
+    assert set(why) == {"slow", "fail", "garbage", "number", "notfound"}
+    assert why["number"] == ("invalid", "computed number 24 in the meta-thought")
+    assert why["fail"][0] == why["slow"][0] == why["garbage"][0] == "transport"
+    assert "HTTP 500" in why["fail"][1] and "not a chat completion" in why["garbage"][1] and "2 attempts" in why["slow"][1]
+    assert pairs[0]["completion"] == ("Plan:\nLet bags be the bags and each the apples per bag.\napples = bags * each."
+                                      "\nExecution:\n") and pairs[0]["eos"] is False
+    assert server.calls["flaky"] == 2 and server.calls["good"] == 1 and server.calls["fail"] == 2
+    assert why["notfound"] == ("transport", f"HTTP 404 from {cfg.teacher_url}/chat/completions (1 attempts)")
+    assert server.calls["notfound"] == 1                                       # a 404 is not retried in the run
+    # resume with a healthy server: only the transport failures are asked again; nothing duplicated
+    server.mode, server.calls = "good", {}
+    stats = data.teach(cfg)
+    assert stats == {"written": 4, "rejected": 0, "transport": 0, "skipped": 5}
+    assert set(server.calls) == {"slow", "fail", "garbage", "notfound"}
+    ids = [r["id"] for r in read(out)]
+    assert len(ids) == len(set(ids)) == 8 and "number" not in ids
+    # a third run asks nothing; a torn last line (a kill mid-write) is cut and its problem asked again
+    server.calls = {}
+    assert data.teach(cfg)["written"] == 0 and server.calls == {}
+    last = read(out)[-1]["id"]
+    out.write_bytes(out.read_bytes()[:-10])
+    assert data.teach(cfg)["written"] == 1 and server.calls == {last: 1}
+    ids = [r["id"] for r in read(out)]
+    assert len(ids) == len(set(ids)) == 8 and ids[-1] == last
+
+
+def test_openai_teacher_unreachable(tmp_path):
+    probs = [{"id": "a", "question": "Q 1?", "answer": "1"}]
+    cfg = data.TeacherConfig(teacher="openai", out=str(tmp_path / "o.jsonl"), teacher_url="http://127.0.0.1:9/v1",
+                             retries=0, timeout=1)
+    assert data.teach(cfg, problems=probs)["transport"] == 1
+    assert read(tmp_path / "o.rejected.jsonl")[0]["reason"].startswith("no answer from http://127.0.0.1:9/v1/chat/completions")
+
+
+def test_local_teacher(tmp_path, world):
+    torch = pytest.importorskip("torch")
+    import model as model_py
+    import tokenizer as tok_py
+    tok = tok_py.train_bpe(world["pretrain"][:200], 300)
+    ck = tmp_path / "ck"
+    torch.manual_seed(0)
+    cfg = model_py.ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, max_position_embeddings=512)
+    model_py.Transformer(cfg).save_pretrained(ck)
+    tok.save(ck)
+    probs = world["splits"]["test_id"][:5]
+    tc = data.TeacherConfig(teacher="local", ckpt=str(ck), out=str(tmp_path / "m.jsonl"), batch_size=2, max_tokens=12,
+                            local_prompt="plain")
+    stats = data.teach(tc, problems=probs)
+    assert stats["written"] + stats["rejected"] == 5
+    done = [r["id"] for r in read(tmp_path / "m.jsonl")] if stats["written"] else []
+    rej = [r["id"] for r in read(tmp_path / "m.rejected.jsonl")] if stats["rejected"] else []
+    assert sorted(done + rej) == sorted(p["id"] for p in probs)
+    assert data.teach(tc, problems=probs)["skipped"] == 5                     # resumable like the openai teacher
+    texts = ["Plan:\nx = a + b.", "The answer is 12."]
+    assert data.length_stats(texts, str(ck)) == {"tokens": sum(len(tok.encode(x)) for x in texts) / 2}
+    assert data.length_stats(texts) == {"chars": 16.5, "words": 5.0}
+    with pytest.raises(data.DataError, match="--tokenizer"):
+        data.length_stats(texts, str(tmp_path / "none"))
+
+
+# ----------------------------------------------------------------------------- malformed input
+
+@pytest.mark.parametrize("lines,msg", [
+    (['{"id": "a", "question": "Q?", "answer": "1"}', '{"id": "b", "question": '], ":2: not valid JSON"),
+    (['{"id": "a", "answer": "1"}'], ":1: missing field 'question'"),
+    (['{"id": "a", "question": "Q?", "answer": "1"}', "", '{"id": "c", "question": "Q?", "answer": "many"}'],
+     ":3: answer 'many' is not a number"),
+    (['{"id": "a", "question": "Q?", "answer": "1"}', '{"id": "a", "question": "R?", "answer": "2"}'],
+     ":2: id 'a' already used on line 1"),
+    (["[1, 2]"], ":1: expected a JSON object"),
+])
+def test_malformed_problems(tmp_path, lines, msg):
+    src = tmp_path / "bad.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    with pytest.raises(data.DataError, match=re.escape(f"{src}{msg}")):
+        data.load_problems(src)
+
+
+def test_cli_bad_input_exits_2_and_keeps_output(tmp_path):
+    src, out = tmp_path / "bad.jsonl", tmp_path / "cot.jsonl"
+    src.write_text('{"question": "Q?", "answer": "1"}\n{"question": "R?", "answer": "two"}\n')
+    out.write_text("keep me\n")
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "teach", "--teacher", "rule", "--kind", "cot",
+                        "--problems", str(src), "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == f"error: {src}:2: answer 'two' is not a number\n"
+    assert out.read_text() == "keep me\n"
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "convert", "--format", "svamp", "--in",
+                        str(tmp_path / "nope.json"), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().endswith("nope.json: file not found") and r.stderr.count("\n") == 1
+    assert data.main(["--n-train", "0", "--out", str(tmp_path / "w")]) == 2
+
+
+def test_cli_build(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "--out", str(tmp_path / "d"), "--n-train", "50",
+                        "--n-test", "10", "--n-ood", "10", "--n-pretrain", "50", "--n-pretrain-test", "10"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "world/ood_symbolic.jsonl  10 problems" in r.stdout and "characters / whitespace words" in r.stdout
+    assert len(read(tmp_path / "d/comt.jsonl")) == 50
+
+
+# ----------------------------------------------------------------------------- real benchmarks
+
+def test_loaders(shared, tmp_path):
+    d = shared / "datasets"
+    cases = {  # format, file, count, skipped
+        "gsm8k": ("gsm8k/test.jsonl", 1319, 0), "svamp": ("svamp/SVAMP.json", 1000, 0),
+        "asdiv": ("asdiv/tora/test.jsonl", None, None), "mawps": ("mawps/tora/test.jsonl", 2065, 0),
+        "tabmwp": ("tabmwp/problems_test1k.json", 751, 249), "gsm_hard": ("gsm_hard/gsmhardv2.jsonl", 1319, 0),
+        "gsm_symbolic": ("gsm_symbolic/GSM_p2.jsonl", 2500, 0)}
+    got = {}
+    for fmt, (f, n, skip) in cases.items():
+        problems, skipped = data.convert(fmt, d / f)
+        if n is not None:
+            assert (len(problems), skipped) == (n, skip), fmt
+        assert all(data.parse_number(p["answer"]) is not None for p in problems)
+        assert len({p["id"] for p in problems}) == len(problems)
+        got[fmt] = problems
+    asdiv = got["asdiv"]
+    assert 2000 < len(asdiv) < 2215 and asdiv[0]["question"] == ("Seven red apples and two green apples are in the "
+                                                                 "basket. How many apples are in the basket?")
+    assert asdiv[0]["answer"] == "9" and asdiv[0]["intermediates"] == ["9"]
+    xml, skipped = data.convert("asdiv", d / "asdiv/ASDiv.xml")
+    assert len(xml) + skipped == 2305 and xml[0]["answer"] == "9"
+    sv = got["svamp"][0]
+    assert (sv["answer"], sv["intermediates"], sv["solution"]) == ("51", ["51"], "76 - 25 = <<76-25=51>>51")
+    tab = {p["id"]: p for p in got["tabmwp"]}["tabmwp-16"]
+    assert tab["answer"] == "84" and tab["intermediates"][-2:] == ["672", "84"] and "Braden | 76" in tab["question"]
+    hard = got["gsm_hard"][0]
+    assert hard["answer"] == "-9867630" and hard["intermediates"] == ["13", "-4933815", "-9867630"]
+    assert sum(bool(p["intermediates"]) for p in got["gsm_hard"]) > 1200
+    assert got["gsm_symbolic"][0]["answer"] == "32.5" and got["gsm_symbolic"][0]["id"] == "gsm_symbolic-0-0"
+    gsm = got["gsm8k"]
+    for p in gsm:                                                               # intermediates = annotation results
+        assert p["intermediates"] == [data.format_number(data.parse_number(v)) for _, v in data.annotations(p["solution"])]
+    for f in ("mawpsaddsub", "mawpssingleeq", "mawpssingleop", "mawpsmultiarith"):
+        assert len(data.convert("mawps", d / f"mawps/pal/{f}.jsonl")[0]) in (395, 508, 562, 600)
+    out = tmp_path / "g.jsonl"
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "convert", "--format", "gsm8k", "--in",
+                        str(d / "gsm8k/test.jsonl"), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0 and "1319 problems" in r.stdout
+    assert data.load_problems(out) == gsm
