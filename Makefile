@@ -1,9 +1,67 @@
-PY ?= python
+# The whole pipeline of the paper on the embedded world, plus tests and benchmarks.
+#   make test        the test suite (CPU, a few minutes)
+#   make demo        CoMT-SFT -> CCRL -> evaluation from the shipped base model (CPU, ~15 minutes)
+#   make base        rebuild the shipped base model (GPU: minutes; CPU: hours, resumable)
+#   make reproduce   the paper's table: 5 methods x 3 seeds on the embedded world
+#   make bench       our model vs HF transformers, same run
 
-.PHONY: install test
+PY ?= python
+SEEDS ?= 0 1 2
+SETS = data/world/test_id.jsonl data/world/ood_hard.jsonl data/world/ood_deep.jsonl \
+       data/world/ood_novel.jsonl data/world/ood_table.jsonl data/world/ood_symbolic.jsonl
+
+# The base stage: corpus size, tokenizer size and training budget (see README, "The base model").
+BASE_DOCS ?= 30000
+BASE_VOCAB ?= 960
+BASE_FLAGS ?= --max-steps 5000 --batch-size 32 --lr 2e-3 --warmup-steps 100 --save-every 250 \
+              --eval-every 500 --eval-problems data/pretrain_test.jsonl --eval-problems-n 100 --log-every 25
+# The demo's budgets: sized for 2 CPU cores.
+DEMO_SFT ?= --max-steps 150 --batch-size 32 --lr 1e-3 --warmup-steps 10 --eval-every 0 --log-every 10
+DEMO_PPO ?= --steps 20 --prompts-per-step 32 --minibatch-size 16 --max-new-tokens 160 --lr 2e-5 \
+            --eval-every 0 --eval-problems "" --log-every 1 --sample-every 10
+DEMO_EVAL ?= --limit 100 --max-new-tokens 256
+# reproduce: the same budgets for every method.
+REPRO_SFT ?= $(DEMO_SFT)
+REPRO_PPO ?= $(DEMO_PPO)
+REPRO_EVAL ?= --limit 200 --max-new-tokens 256
+
+.PHONY: install test data base demo reproduce bench
 
 install:
 	$(PY) -m pip install -q -r requirements-dev.txt
 
 test: install
 	$(PY) -m pytest -q tests
+
+data:
+	$(PY) data.py --n-pretrain $(BASE_DOCS)
+
+base: data
+	$(PY) tokenizer.py train --data data/pretrain.jsonl --vocab-size $(BASE_VOCAB) --out data/tokenizer
+	$(PY) sft.py --data data/pretrain.jsonl --init scratch --tokenizer data/tokenizer --model embedded \
+	    --out base --overwrite $(BASE_FLAGS)
+	$(PY) eval.py --ckpt base --sets data/pretrain_test.jsonl data/world/test_id.jsonl --arithmetic 50 \
+	    --limit 200 --out out/base
+
+demo: install data
+	@test -f base/config.json || { echo "error: base/ not found: run 'make base' first (see README)"; exit 2; }
+	$(PY) sft.py --data data/comt.jsonl --init base --out ckpt/comt --overwrite $(DEMO_SFT)
+	$(PY) ppo.py --init ckpt/comt --out ckpt/comt_ccrl --overwrite --reward ccrl $(DEMO_PPO)
+	$(PY) eval.py --ckpt base ckpt/comt ckpt/comt_ccrl --sets $(SETS) --out out/demo $(DEMO_EVAL)
+	@echo "report: out/demo/report.html"
+
+reproduce: install data
+	@test -f base/config.json || { echo "error: base/ not found: run 'make base' first (see README)"; exit 2; }
+	for s in $(SEEDS); do \
+	  $(PY) sft.py --data data/cot.jsonl  --init base --out ckpt/r/cot_s$$s  --overwrite --seed $$s $(REPRO_SFT) && \
+	  $(PY) sft.py --data data/comt.jsonl --init base --out ckpt/r/comt_s$$s --overwrite --seed $$s $(REPRO_SFT) && \
+	  $(PY) ppo.py --init ckpt/r/cot_s$$s  --out ckpt/r/cot_ppo_s$$s   --overwrite --seed $$s --reward outcome $(REPRO_PPO) && \
+	  $(PY) ppo.py --init ckpt/r/comt_s$$s --out ckpt/r/comt_ppo_s$$s  --overwrite --seed $$s --reward outcome $(REPRO_PPO) && \
+	  $(PY) ppo.py --init ckpt/r/comt_s$$s --out ckpt/r/comt_ccrl_s$$s --overwrite --seed $$s --reward ccrl $(REPRO_PPO) \
+	  || exit 1; \
+	done
+	$(PY) eval.py --ckpt $(foreach s,$(SEEDS),ckpt/r/cot_s$(s) ckpt/r/cot_ppo_s$(s) ckpt/r/comt_s$(s) ckpt/r/comt_ppo_s$(s) ckpt/r/comt_ccrl_s$(s)) \
+	    --sets $(SETS) --out out/reproduce --group-seeds $(REPRO_EVAL)
+
+bench: install
+	$(PY) bench.py

@@ -60,6 +60,8 @@ class EvalConfig:
     confidence_kind: str = "exp"  # confidence of a number: exp(-mean H) | norm (1 - mean H / log V)
     thresholds: tuple = (0.5, 0.7, 0.9)  # overconfidence thresholds tau
     n_bins: int = 10  # equal-width bins for ECE and the reliability diagrams
+    arithmetic: int = 0  # > 0: also probe bare arithmetic ("a op b =") with this many items per cell
+    group_seeds: bool = False  # table rows = runs named NAME_sK grouped, mean ± std over the seeds
 
 
 class EvalError(ValueError):
@@ -248,13 +250,93 @@ def evaluate(model, tokenizer, problems, batch_size, max_new_tokens, greedy=True
 # -- Comparison table -----------------------------------------------------------------------------
 
 def _pct(x):
-    return "–" if x is None else f"{100 * x:.1f}"
+    return "–" if x is None else x if isinstance(x, str) else f"{100 * x:.1f}"
 
 
 def _duration(s):
-    if s is None:
-        return "–"
+    if s is None or isinstance(s, str):
+        return s or "–"
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+# -- Base skills: bare arithmetic -----------------------------------------------------------------
+
+ARITH_SIZES = {"1-2 digits": (1, 99), "3 digits": (100, 999), "4-6 digits": (1000, 999999)}
+
+
+def arithmetic_items(n, seed=0):
+    """n items per (operation, operand size) cell: the drill lines of the base corpus, "a op b = c".
+    Subtraction keeps c >= 0 and division is exact, as in the corpus."""
+    import random
+    rng, items = random.Random(seed), []
+    for op in "+-*/":
+        for size, (lo, hi) in ARITH_SIZES.items():
+            for _ in range(n):
+                a, b = rng.randint(lo, hi), rng.randint(lo, hi) if op in "+-" else rng.randint(2, 99)
+                if op == "-" and b > a:
+                    a, b = b, a
+                if op == "/":
+                    a = a * b if a * b <= hi * 99 else a - a % b or b
+                c = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+                items.append((op, size, f"{a} {op} {b} =", c))
+    return items
+
+
+def arithmetic_accuracy(model, tokenizer, n=50, seed=0, batch_size=64):
+    """Greedy "a op b =" -> accuracy per operation and operand size (second operand of * and /
+    is 2-99): {op: {size: acc}}. The prompt is a drill line at the start of a document."""
+    from model import generate
+    items = arithmetic_items(n, seed)
+    hits = {}
+    for k in range(0, len(items), batch_size):
+        chunk = items[k:k + batch_size]
+        prompts = [tokenizer.encode(q, bos=tokenizer.bos_id is not None) for _, _, q, _ in chunk]
+        g = generate(model, prompts, 12, temperature=0.0, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
+        for (op, size, _, c), row, m in zip(chunk, g.tokens, g.mask):
+            text = tokenizer.decode([t for t in row[m.bool()].tolist() if t not in tokenizer.stop_ids])
+            got = data.parse_number(text.split("\n")[0].strip())
+            hits.setdefault(op, {}).setdefault(size, []).append(got is not None and got == c)
+    return {op: {size: accuracy(v) for size, v in sizes.items()} for op, sizes in hits.items()}
+
+
+def arithmetic_table(runs):
+    header = ["run", "op"] + list(ARITH_SIZES)
+    rows = [[r["run"], op] + [_pct(accs.get(size)) for size in ARITH_SIZES]
+            for r in runs for op, accs in (r.get("arithmetic") or {}).items()]
+    return header, rows
+
+
+def group_by_seed(runs):
+    """Runs named NAME_sK -> one run per NAME whose numbers are 'mean ± std' strings over seeds."""
+    import re
+    import statistics
+    groups = {}
+    for r in runs:
+        groups.setdefault(re.sub(r"_s\d+$", "", r["run"]), []).append(r)
+
+    def agg(vals, fmt):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return None
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return f"{fmt(statistics.mean(vals))} ± {fmt(sd)}"
+
+    pct = lambda v: f"{100 * v:.1f}"
+    out = []
+    for name, rs in groups.items():
+        g = {"run": f"{name} (n={len(rs)})", "id_sets": rs[0]["id_sets"], "ood_sets": rs[0]["ood_sets"],
+             "sets": {s: {"accuracy": agg([r["sets"].get(s, {}).get("accuracy") for r in rs], pct)}
+                      for s in rs[0]["sets"]}}
+        for key in ("id_avg", "ood_avg"):
+            g[key] = agg([r.get(key) for r in rs], pct)
+        g["mean_tokens"] = agg([r.get("mean_tokens") for r in rs], lambda v: f"{v:.1f}")
+        g["train_wall_time_s"] = agg([r.get("train_wall_time_s") for r in rs], lambda v: f"{v:.0f}s")
+        g["overconfidence"] = {t: {"wrong_among_confident": agg(
+            [r["overconfidence"].get(t, {}).get("wrong_among_confident") for r in rs], pct)}
+            for t in rs[0].get("overconfidence", {})}
+        g["ece"] = agg([r.get("ece") for r in rs], lambda v: f"{v:.3f}")
+        out.append(g)
+    return out
 
 
 def comparison_table(runs, thresholds=(0.5, 0.7, 0.9)):
@@ -273,8 +355,10 @@ def comparison_table(runs, thresholds=(0.5, 0.7, 0.9)):
               for t in thresholds]
         tok = run.get("mean_tokens")
         rows.append([run["run"]] + acc + [_pct(run["id_avg"]), _pct(run["ood_avg"]),
-                    "–" if tok is None else f"{tok:.1f}", _duration(run.get("train_wall_time_s"))]
-                    + oc + ["–" if run["ece"] is None else f"{run['ece']:.3f}"])
+                    "–" if tok is None else tok if isinstance(tok, str) else f"{tok:.1f}",
+                    _duration(run.get("train_wall_time_s"))]
+                    + oc + ["–" if run["ece"] is None else run["ece"] if isinstance(run["ece"], str)
+                            else f"{run['ece']:.3f}"])
     return header, rows
 
 
@@ -575,8 +659,11 @@ def run_eval(cfg):
             set_records[sname] = evaluate(model, tok, probs, cfg.batch_size, cfg.max_new_tokens,
                                           cfg.greedy, cfg.n_samples, cfg.temperature,
                                           cfg.confidence_kind)["records"]
+        if cfg.arithmetic:
+            print(f"{name}: arithmetic probe ({cfg.arithmetic} per cell)", file=sys.stderr)
         m = {"run": name, "ckpt": str(ckpt), **summarize_run(set_records, id_sets, cfg.thresholds,
                                                               cfg.n_bins),
+             "arithmetic": arithmetic_accuracy(model, tok, cfg.arithmetic, cfg.seed) if cfg.arithmetic else None,
              "train_stages": train_stages(ckpt),
              "train_wall_time_s": _sum_or_none(t for _, t in train_stages(ckpt)),
              "eval_wall_time_s": time.time() - t0, "config": asdict(cfg)}
@@ -617,8 +704,10 @@ def main(argv=None):
         runs = ([load_metrics(s, cfg.out) for s in cfg.compare] if cfg.compare else run_eval(cfg))
         if len({r["run"] for r in runs}) != len(runs):
             raise EvalError(f"runs to compare need distinct names, got {[r['run'] for r in runs]}")
-        header, rows = comparison_table(runs, cfg.thresholds)
+        header, rows = comparison_table(group_by_seed(runs) if cfg.group_seeds else runs, cfg.thresholds)
         table = markdown_table(header, rows)
+        if any(r.get("arithmetic") for r in runs):
+            table += "\nArithmetic (greedy, bare 'a op b =' prompts):\n\n" + markdown_table(*arithmetic_table(runs))
         print(table, end="")
         write_atomic(Path(cfg.out) / "table.md", table)
         report = cfg.report or str(Path(cfg.out) / "report.html")

@@ -131,8 +131,8 @@ class ModelConfig:
 CONFIGS = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
-    "embedded": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
-                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
+    "embedded": dict(vocab_size=1024, hidden_size=192, intermediate_size=512, num_hidden_layers=8,
+                     num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024),
     "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
                      rope_theta=500000.0, rms_norm_eps=1e-5,

@@ -421,3 +421,43 @@ def test_cli_end_to_end_with_a_saved_tiny_checkpoint(tok, tmp_path, capsys):
     assert capsys.readouterr().out == table and table.splitlines()[2].startswith("| tiny ")
     assert "3.2 s" not in table and "3 s" in table  # 3.25 s of training, shown rounded
     assert 'id="curves"' in (out / "report.html").read_text()
+
+
+def test_arithmetic_items_are_right_and_cover_every_cell():
+    items = ev.arithmetic_items(15, seed=3)
+    assert len(items) == 4 * len(ev.ARITH_SIZES) * 15
+    for op, size, q, c in items:
+        a, _, b, eq = q.split()
+        a, b = int(a), int(b)
+        assert eq == "=" and c == {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+        assert c >= 0 and (op != "/" or a % b == 0)
+    assert ev.arithmetic_items(15, seed=3) == items
+
+
+def test_arithmetic_probe_runs_on_a_tiny_model(tmp_path):
+    import torch
+    from model import CONFIGS, ModelConfig, Transformer
+    from tokenizer import train_bpe
+    torch.manual_seed(0)
+    tok = train_bpe(["12 + 30 = 42\n7 * 6 = 42\n"] * 3, 262)
+    model = Transformer(ModelConfig(**{**CONFIGS["tiny"], "vocab_size": 320})).eval()
+    res = ev.arithmetic_accuracy(model, tok, n=2, seed=0)
+    assert set(res) == set("+-*/") and all(set(v) == set(ev.ARITH_SIZES) for v in res.values())
+    assert all(0.0 <= a <= 1.0 for v in res.values() for a in v.values())
+    header, rows = ev.arithmetic_table([{"run": "r", "arithmetic": res}])
+    assert header[:2] == ["run", "op"] and len(rows) == 4
+
+
+def test_group_by_seed_mean_and_std():
+    def run(name, acc, tok):
+        return {"run": name, "id_sets": ["test_id"], "ood_sets": ["ood_hard"],
+                "sets": {"test_id": {"accuracy": acc}, "ood_hard": {"accuracy": acc / 2}},
+                "id_avg": acc, "ood_avg": acc / 2, "mean_tokens": tok, "train_wall_time_s": 10.0,
+                "overconfidence": {"0.5": {"wrong_among_confident": 0.2}}, "ece": 0.1}
+    g = ev.group_by_seed([run("comt_s0", 0.5, 10.0), run("comt_s1", 0.7, 14.0), run("cot_s0", 0.4, 20.0)])
+    assert [x["run"] for x in g] == ["comt (n=2)", "cot (n=1)"]
+    # mean 60.0, sample std of (50, 70) = 14.142...
+    assert g[0]["sets"]["test_id"]["accuracy"] == "60.0 ± 14.1" and g[0]["ood_avg"] == "30.0 ± 7.1"
+    assert g[0]["mean_tokens"] == "12.0 ± 2.8" and g[1]["id_avg"] == "40.0 ± 0.0"
+    header, rows = ev.comparison_table(g, (0.5,))
+    assert rows[0][:4] == ["comt (n=2)", "60.0 ± 14.1", "30.0 ± 7.1", "60.0 ± 14.1"]
