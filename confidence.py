@@ -161,6 +161,7 @@ _WORD_VALUES = {
     "hundred": (100,), "thousand": (1000,), "million": (1e6,), "dozen": (12,), "twice": (2,),
     "double": (2,), "thrice": (3,), "triple": (3,), "half": (2, 0.5), "quarter": (4, 0.25),
 }
+NUMBER_WORDS = frozenset(_WORD_VALUES)  # the words question_values reads as numbers (data.py avoids them as names)
 _WORD = re.compile(r"(?i)\b(" + "|".join(_WORD_VALUES) + r")(?:[- ](one|two|three|four|five|six|seven"
                    r"|eight|nine))?\b")
 

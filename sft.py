@@ -350,13 +350,16 @@ def train(cfg: SFTConfig):
     flops_tok, peak = flops_per_token(model.config, n_params, cfg.max_len), peak_flops(device)
     bar = tqdm(total=total, initial=step, desc="sft", dynamic_ncols=True, disable=None)
     t_log, tok_log = time.time(), 0
+    epoch, batches = -1, None
     while step < total:
         t0 = time.time()
         # 1. The micro-batches of this optimizer step, at a position that is a pure function of step.
         micro = []
         for m in range(cfg.grad_accum):
             g = step * cfg.grad_accum + m
-            batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, g // micro_per_epoch)
+            if g // micro_per_epoch != epoch:
+                epoch = g // micro_per_epoch
+                batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)
             micro.append(collate(examples, batches[g % micro_per_epoch], tok.pad_id, device))
         n_tgt = sum(int((y != -100).sum()) for _, y in micro)  # token-level mean over the whole step
         # 2. Forward / backward, loss = mean NLL over the step's loss tokens.

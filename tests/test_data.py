@@ -1,6 +1,7 @@
-"""Tests for data.py: numbers and answers, the embedded world, teachers, loaders, CLI."""
+"""Tests for data.py: numbers and answers, the validator, teachers, problems files, the CLI; and benchmarks.py."""
 import http.server
 import json
+import random
 import re
 import subprocess
 import sys
@@ -9,25 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+from test_world import read, world  # noqa: F401 (world: the small embedded world, a fixture)
 
+import benchmarks
+import confidence
 import data
+import world as world_py
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = dict(n_train=400, n_test=100, n_ood=80, n_pretrain=600, n_pretrain_test=60)
-
-
-def read(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    summary = data.build_world(data.WorldConfig(out=str(out), seed=3, **SMALL))
-    splits = {s: read(out / "world" / f"{s}.jsonl") for s in data.SPLITS}
-    return {"out": out, "summary": summary, "splits": splits, "pretrain": [r["text"] for r in read(out / "pretrain.jsonl")],
-            "pretrain_test": read(out / "pretrain_test.jsonl"), "cot": read(out / "cot.jsonl"),
-            "comt": read(out / "comt.jsonl")}
 
 
 # ----------------------------------------------------------------------------- numbers and answers
@@ -43,10 +33,9 @@ def test_parse_number_rejects(s):
     assert data.parse_number(s) is None
 
 
-def test_number_spans_and_answers():
-    text = "Step 2: x2 = 10-3 and -4 or 1,200.5 with 3/4 of per_bag7"
-    got = [(text[s:e], v) for s, e, v in data.number_spans(text)]
-    assert got == [("2", 2), ("10", 10), ("3", 3), ("-4", -4), ("1,200.5", 1200.5), ("3/4", 0.75)]
+def test_numbers_and_answers():
+    text = "Step 2: x2 = 10-3 and -4 or 1,200.5 with 3/4 of per_bag7"     # a label, names, a subtraction, a fraction
+    assert data.find_computed_numbers(text, "") == ["10", "3", "-4", "1,200.5", "3/4"]
     assert data.normalize_answer("9 (apples)") == "9" and data.normalize_answer("$1,200.50") == "1200.5"
     assert data.normalize_answer("3/4") == "0.75" and data.normalize_answer("-9867630.0") == "-9867630"
     assert data.normalize_answer("3:30 p.m.") is None and data.normalize_answer("Yes") is None
@@ -65,100 +54,6 @@ def test_safe_eval_only_arithmetic():
             data.safe_eval(bad)
 
 
-# ----------------------------------------------------------------------------- the embedded world
-
-def test_world_is_deterministic(world, tmp_path):
-    data.build_world(data.WorldConfig(out=str(tmp_path / "a"), seed=3, **SMALL))
-    names = ["pretrain.jsonl", "pretrain_test.jsonl", "cot.jsonl", "comt.jsonl"] + [f"world/{s}.jsonl" for s in data.SPLITS]
-    for n in names:
-        assert (tmp_path / "a" / n).read_bytes() == (world["out"] / n).read_bytes(), n
-    data.build_world(data.WorldConfig(out=str(tmp_path / "b"), seed=4, **SMALL))
-    assert (tmp_path / "b" / "world/train.jsonl").read_bytes() != (world["out"] / "world/train.jsonl").read_bytes()
-    assert not list(tmp_path.rglob("*.tmp"))
-
-
-def test_split_sizes_and_no_test_question_in_train(world):
-    s = world["splits"]
-    assert [len(s[k]) for k in data.SPLITS] == [400, 100] + [80] * 5
-    train = {p["question"] for p in s["train"]}
-    assert len(train) == 400
-    for name in data.SPLITS[1:]:
-        qs = [p["question"] for p in s[name]]
-        assert len(set(qs)) == len(qs) and not train & set(qs), name
-        assert all(p["source"] == f"world/{name}" and p["id"].startswith(name) for p in s[name])
-
-
-def _numbers(p):
-    return [v for _, _, v in data.number_spans(p["question"])] + [float(x) for x in p["intermediates"]]
-
-
-def test_ood_properties(world):
-    s = world["splits"]
-    train_max = sorted(max(_numbers(p)) for p in s["train"])
-    hard_max = sorted(max(_numbers(p)) for p in s["ood_hard"])
-    assert max(train_max) <= 999 and hard_max[len(hard_max) // 2] >= 100 * train_max[len(train_max) // 2] / 2
-    assert min(hard_max) > max(train_max)                                # every hard problem leaves the ID range
-    assert max(p["steps"] for p in s["train"]) <= 4 < min(p["steps"] for p in s["ood_deep"])
-    assert {p["steps"] for p in s["train"]} == {2, 3, 4}
-    train_fams, train_tpl = {p["family"] for p in s["train"]}, {p["template"] for p in s["train"]}
-    assert train_fams == set(data.TASK_FAMILIES)
-    assert {p["family"] for p in s["ood_novel"]} == set(data.NOVEL_FAMILIES) and not train_fams & set(data.NOVEL_FAMILIES)
-    assert not train_tpl & {p["template"] for p in s["ood_novel"]}
-    table = re.compile(r"^[^|\n]+( \| [^|\n]+)+$", re.M)
-    assert all(len(table.findall(p["question"])) >= 2 for p in s["ood_table"])    # a header and a row at least
-    assert not any("|" in p["question"] for name in ("train", "test_id") for p in s[name])
-    assert {p["template"] for p in s["ood_table"]} <= {f"{f}/table" for f in data.TABLE_FAMILIES}
-    sym = s["ood_symbolic"]
-    assert {p["template"] for p in sym} <= train_tpl
-    train_ents = {e for p in s["train"] for e in p["entities"]}
-    assert all(p["entities"] and not set(p["entities"]) & train_ents for p in sym)
-    pool0 = {n.split(":")[0] for n in data.NAMES[0]}
-    assert all(not any(re.search(rf"\b{n}\b", p["question"]) for n in pool0) for p in sym)
-
-
-def _check_solution(p):
-    anns = data.annotations(p["solution"])
-    assert anns, p["id"]
-    for expr, stated in anns:
-        assert data.safe_eval(expr) == pytest.approx(float(stated)), (p["id"], expr)
-        assert float(stated) >= 0 and float(stated) == int(float(stated))
-    assert p["intermediates"] == [stated for _, stated in anns]
-    assert p["answer"] == p["intermediates"][-1] and p["solution"].endswith(f"The answer is {p['answer']}.")
-    values = data.program_values(p["program"])
-    assert [str(values[st[0]]) for st in p["program"]["steps"]] == p["intermediates"]
-    used = {x for st in p["program"]["steps"] for x in st[1:4:2]}
-    assert {g[0] for g in p["program"]["givens"]} <= used                       # no unused given
-    qv = data.question_values(p["question"])
-    assert all(any(data._same(g[1], q) for q in qv) for g in p["program"]["givens"])  # every given is in the question
-
-
-def test_annotations_evaluate_and_match_intermediates(world):
-    for name, rows in world["splits"].items():
-        for p in rows:
-            _check_solution(p)
-            assert p["steps"] == len(p["intermediates"])
-    for p in world["pretrain_test"]:
-        _check_solution(p)
-
-
-def test_sft_pairs(world):
-    train = {p["id"]: p for p in world["splits"]["train"]}
-    assert [r["id"] for r in world["cot"]] == [r["id"] for r in world["comt"]] == list(train)
-    for cot, comt in zip(world["cot"], world["comt"]):
-        p = train[cot["id"]]
-        assert cot["prompt"] == comt["prompt"] == f"Question: {p['question']}\n"
-        assert "<<" not in cot["completion"] and data.extract_answer(cot["completion"]) == p["answer"]
-        assert "eos" not in cot and comt["eos"] is False
-        m = comt["completion"]
-        assert m.startswith("Plan:\nLet ") and m.endswith(f"The answer is {p['program']['steps'][-1][0]}.\nExecution:\n")
-        assert not re.search(r"\d", m)                                          # not even a question number
-        assert data.check_meta_thought(m, p["question"]) == m
-        text = p["question"] + "\n" + m + data.program_execution(p["program"])  # what the student writes after
-        assert data.extract_answer(text) == p["answer"]
-    s = world["summary"]
-    assert s["tokenizer"] is None and set(s["cot"]) == {"chars", "words"} and s["comt"]["chars"] > 0
-
-
 def test_validator():
     q = "Tom has 5 bags with 3 apples in each and eats half of 1,200 grapes. 3/4 of them are red."
     ok = "Plan:\nLet bags be the bags.\nStep 2: apples = bags * per_bag.\n1. Multiply.\nx2 = 5 * 3 with 1,200 and 3/4 and 2."
@@ -169,43 +64,41 @@ def test_validator():
         data.check_meta_thought("Plan:\napples = 5 * 3 = 15.\nExecution:\n", q)
     with pytest.raises(data.Rejected, match="empty"):
         data.check_meta_thought("Plan:\n\nExecution:\n", q)
-    assert data.question_values("twenty-five cats, a dozen eggs, 10% off") == [10, 20, 5, 12, 25, 100]
+    assert sorted(data.question_values("twenty-five cats, a dozen eggs, 10% off")) == [5, 10, 12, 20, 25, 100]
+    assert sorted(data.question_values("3/4 of 12 eggs")) == [0.75, 3, 4, 12]      # a fraction states its value too
 
 
-# ----------------------------------------------------------------------------- the base corpus
+def test_validator_reads_numbers_as_confidence_does():
+    q = "Sam has 24 cards and 6 friends. He came 3rd and won 5 games."
+    # a bare a/b is one number (24/6 is 4, computed); in "a/b=c" or "a/b/c" the slash divides its parts
+    assert data.find_computed_numbers("each = 24/6 and 24/6=4 and 24/6/3.", q) == ["24/6", "4"]
+    assert data.find_computed_numbers("In the 4th step, left = 24 -6 - 5.", q) == []   # ordinal; "24 -6" subtracts
+    assert data.find_computed_numbers("Step 20 then Step 21\n2) x\n21) y", q) == ["21", "21"]  # labels stop at 20
+    with pytest.raises(data.Rejected, match=r"computed number 24/6 in the meta-thought \(and 1 more\)"):
+        data.check_meta_thought("Plan:\neach = 24/6 = 4.\nExecution:\n", q)
 
-def test_base_corpus(world):
-    assert not set(data.BASE_FAMILIES) & (set(data.TASK_FAMILIES) | set(data.NOVEL_FAMILIES))
-    assert {p["family"] for p in world["pretrain_test"]} == set(data.BASE_FAMILIES)
-    texts = world["pretrain"]
-    assert len(texts) == 600
-    kinds = {k: [t for t in texts if t.startswith(pre)] for k, pre in
-             [("plan", "Question:"), ("binding", "Given:"), ("story", "Story:")]}
-    plan = [t for t in kinds["plan"] if "\nPlan:\n" in t]
-    cot = [t for t in kinds["plan"] if "\nPlan:\n" not in t]
-    drills = [t for t in texts if re.fullmatch(r"(\d+ [-+*/] \d+ = \d+\n?)+", t)]
-    assert plan and cot and drills and kinds["binding"] and kinds["story"]
-    assert len(plan) + len(cot) + len(drills) + len(kinds["binding"]) + len(kinds["story"]) == len(texts)
-    task_q = {p["question"] for rows in world["splits"].values() for p in rows}
-    held = {p["question"] for p in world["pretrain_test"]}
-    for t in kinds["plan"]:
-        q = t.split("\n")[0].removeprefix("Question: ")
-        assert q not in task_q and q not in held
-    n_lines = 0
-    for t in plan + kinds["binding"] + drills:                                  # every written computation is right
-        for line in t.splitlines():
-            m = re.fullmatch(r"(?:\w+ = \w+ [-+*/] \w+ = )?(\d+ [-+*/] \d+) = (\d+)", line)
-            if m:
-                assert data.safe_eval(m.group(1)) == int(m.group(2)), line
-                n_lines += 1
-        assert t.endswith(".") or t in drills
-        if t not in drills:
-            assert data.extract_answer(t) is not None and re.search(r"\nExecution:\n\w+ = \d+\n", t)
-    assert n_lines > 1000
-    biggest = max(v for t in texts for _, _, v in data.number_spans(t))
-    hard = max(float(x) for p in world["splits"]["ood_hard"] for x in p["intermediates"])
-    assert biggest >= hard                                                     # the OOD magnitudes are not new
-    assert data.load_problems(world["out"] / "pretrain_test.jsonl")[0]["id"] == "pretrain_test-00000"
+
+def test_validator_rejects_every_number_ccrl_scores():
+    """Whatever confidence.py calls a computed number (fractions read alike), the validator rejects; it adds
+    only counters above 20. Random texts from number-like pieces, seeded."""
+    rng = random.Random(0)
+    pieces = ["Step ", "step #", "\n", "\n2. ", "1) ", " ", " = ", " / ", "/", "-", " -", "x", "_", ".", ",", "rd ",
+              "th", "(", ")", "%", " half", " dozen ", "=", "*"]
+    extra_seen = 0
+    for _ in range(1500):
+        text = "".join(rng.choice(pieces) if rng.random() < 0.55 else str(rng.choice(
+            [rng.randint(0, 30), rng.randint(0, 3000), round(rng.random() * 10, rng.randint(1, 3))]))
+            for _ in range(rng.randint(1, 12)))
+        q = "A question with " + " and ".join(str(rng.randint(0, 30)) for _ in range(3)) + " and half."
+        ours = data.find_computed_numbers(text, q)
+        theirs = [n.text for n in confidence.computed_numbers(q, confidence.number_token_spans([text], fractions=True),
+                                                               dedupe=False)]
+        for t in theirs:
+            assert t in ours, (text, q, ours, theirs)
+            ours.remove(t)
+        assert all(re.fullmatch(r"\d+", t) and int(t) > 20 for t in ours), (text, ours)
+        extra_seen += len(ours)
+    assert extra_seen > 0                                                         # the case did occur
 
 
 # ----------------------------------------------------------------------------- the rule teacher
@@ -278,9 +171,11 @@ def test_rule_teacher_on_real_gsm8k(shared):
     for p, m in ok:
         assert m.startswith("Plan:\n") and m.endswith("Execution:\n")
         assert data.find_computed_numbers(m, p["question"]) == []
-        qv, mv = data.question_values(p["question"]), [v for _, _, v in data.number_spans(m)]
+        qv = data.question_values(p["question"])
+        mv = [v for _, _, v in confidence.number_spans(m, fractions=True)]
+        same = confidence.same_value
         for c in map(float, p["intermediates"]):                                 # no computed value leaks in
-            assert any(data._same(c, q) for q in qv) or not any(data._same(c, v) for v in mv), (c, m)
+            assert any(same(c, q) for q in qv) or not any(same(c, v) for v in mv), (c, m)
     assert all(reasons) and all(data.extract_answer(data.rule_teacher(p, "cot")) == p["answer"] for p, _ in ok[:50])
 
 
@@ -408,10 +303,10 @@ def test_local_teacher(tmp_path, world):
     assert sorted(done + rej) == sorted(p["id"] for p in probs)
     assert data.teach(tc, problems=probs)["skipped"] == 5                     # resumable like the openai teacher
     texts = ["Plan:\nx = a + b.", "The answer is 12."]
-    assert data.length_stats(texts, str(ck)) == {"tokens": sum(len(tok.encode(x)) for x in texts) / 2}
-    assert data.length_stats(texts) == {"chars": 16.5, "words": 5.0}
+    assert world_py.length_stats(texts, str(ck)) == {"tokens": sum(len(tok.encode(x)) for x in texts) / 2}
+    assert world_py.length_stats(texts) == {"chars": 16.5, "words": 5.0}
     with pytest.raises(data.DataError, match="--tokenizer"):
-        data.length_stats(texts, str(tmp_path / "none"))
+        world_py.length_stats(texts, str(tmp_path / "none"))
 
 
 # ----------------------------------------------------------------------------- malformed input
@@ -447,14 +342,6 @@ def test_cli_bad_input_exits_2_and_keeps_output(tmp_path):
     assert data.main(["--n-train", "0", "--out", str(tmp_path / "w")]) == 2
 
 
-def test_cli_build(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "--out", str(tmp_path / "d"), "--n-train", "50",
-                        "--n-test", "10", "--n-ood", "10", "--n-pretrain", "50", "--n-pretrain-test", "10"],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "world/ood_symbolic.jsonl  10 problems" in r.stdout and "characters / whitespace words" in r.stdout
-    assert len(read(tmp_path / "d/comt.jsonl")) == 50
-
 
 # ----------------------------------------------------------------------------- real benchmarks
 
@@ -467,7 +354,7 @@ def test_loaders(shared, tmp_path):
         "gsm_symbolic": ("gsm_symbolic/GSM_p2.jsonl", 2500, 0)}
     got = {}
     for fmt, (f, n, skip) in cases.items():
-        problems, skipped = data.convert(fmt, d / f)
+        problems, skipped = benchmarks.convert(fmt, d / f)
         if n is not None:
             assert (len(problems), skipped) == (n, skip), fmt
         assert all(data.parse_number(p["answer"]) is not None for p in problems)
@@ -477,7 +364,7 @@ def test_loaders(shared, tmp_path):
     assert 2000 < len(asdiv) < 2215 and asdiv[0]["question"] == ("Seven red apples and two green apples are in the "
                                                                  "basket. How many apples are in the basket?")
     assert asdiv[0]["answer"] == "9" and asdiv[0]["intermediates"] == ["9"]
-    xml, skipped = data.convert("asdiv", d / "asdiv/ASDiv.xml")
+    xml, skipped = benchmarks.convert("asdiv", d / "asdiv/ASDiv.xml")
     assert len(xml) + skipped == 2305 and xml[0]["answer"] == "9"
     sv = got["svamp"][0]
     assert (sv["answer"], sv["intermediates"], sv["solution"]) == ("51", ["51"], "76 - 25 = <<76-25=51>>51")
@@ -491,7 +378,7 @@ def test_loaders(shared, tmp_path):
     for p in gsm:                                                               # intermediates = annotation results
         assert p["intermediates"] == [data.format_number(data.parse_number(v)) for _, v in data.annotations(p["solution"])]
     for f in ("mawpsaddsub", "mawpssingleeq", "mawpssingleop", "mawpsmultiarith"):
-        assert len(data.convert("mawps", d / f"mawps/pal/{f}.jsonl")[0]) in (395, 508, 562, 600)
+        assert len(benchmarks.convert("mawps", d / f"mawps/pal/{f}.jsonl")[0]) in (395, 508, 562, 600)
     out = tmp_path / "g.jsonl"
     r = subprocess.run([sys.executable, str(ROOT / "data.py"), "convert", "--format", "gsm8k", "--in",
                         str(d / "gsm8k/test.jsonl"), "--out", str(out)], capture_output=True, text=True)
