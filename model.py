@@ -638,7 +638,7 @@ def main(argv=None):
         tok = Tokenizer.load(args.ckpt)
         ids, _ = tok.render(args.prompt)
         g = generate(model.eval(), [ids], args.max_new_tokens, args.temperature, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
-        print(args.prompt + tok.decode(g.tokens[0][g.mask[0].bool()].tolist()))
+        print(args.prompt + tok.decode([t for t in g.tokens[0][g.mask[0].bool()].tolist() if t not in tok.stop_ids]))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
