@@ -17,13 +17,13 @@ BASE_FLAGS ?= --max-steps 5000 --batch-size 32 --lr 2e-3 --warmup-steps 100 --sa
               --eval-every 500 --eval-problems data/pretrain_test.jsonl --eval-problems-n 100 --log-every 25
 # The demo's budgets: sized for 2 CPU cores.
 DEMO_SFT ?= --max-steps 150 --batch-size 32 --lr 1e-3 --warmup-steps 10 --eval-every 0 --log-every 10
-DEMO_PPO ?= --steps 20 --prompts-per-step 32 --minibatch-size 16 --max-new-tokens 160 --lr 2e-5 \
+DEMO_PPO ?= --steps 20 --prompts-per-step 32 --minibatch-size 16 --max-new-tokens 320 --lr 2e-5 \
             --eval-every 0 --eval-problems "" --log-every 1 --sample-every 10
-DEMO_EVAL ?= --limit 100 --max-new-tokens 256
+DEMO_EVAL ?= --limit 100 --max-new-tokens 512
 # reproduce: the same budgets for every method.
 REPRO_SFT ?= $(DEMO_SFT)
 REPRO_PPO ?= $(DEMO_PPO)
-REPRO_EVAL ?= --limit 200 --max-new-tokens 256
+REPRO_EVAL ?= --limit 200 --max-new-tokens 512
 
 .PHONY: install test data base demo reproduce bench
 
@@ -47,7 +47,7 @@ demo: install data
 	@test -f base/config.json || { echo "error: base/ not found: run 'make base' first (see README)"; exit 2; }
 	$(PY) sft.py --data data/comt.jsonl --init base --out ckpt/comt --overwrite $(DEMO_SFT)
 	$(PY) ppo.py --init ckpt/comt --out ckpt/comt_ccrl --overwrite --reward ccrl $(DEMO_PPO)
-	$(PY) eval.py --ckpt base ckpt/comt ckpt/comt_ccrl --sets $(SETS) --out out/demo $(DEMO_EVAL)
+	$(PY) eval.py --ckpt ckpt/comt ckpt/comt_ccrl --sets $(SETS) --out out/demo $(DEMO_EVAL)
 	@echo "report: out/demo/report.html"
 
 reproduce: install data

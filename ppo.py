@@ -37,6 +37,91 @@ from data import answers_match, extract_answer, load_problems, parse_number, pro
 from model import Transformer, generate, left_pad, recover_dir
 from sft import append_metrics, trim_metrics
 
+# ============================================================================= configuration
+
+
+class PPOError(ValueError):
+    """Bad input (a flag, a file, a tensor); the message is one line naming what was expected."""
+
+
+@dataclass
+class PPOConfig:
+    init: str = "ckpt/comt"  # SFT checkpoint: the policy starts here, the frozen reference is a copy of it
+    problems: str = "data/world/train.jsonl"  # prompts with gold answers (and intermediates for CCRL)
+    eval_problems: str = "data/world/test_id.jsonl"  # greedy accuracy on these every eval_every updates
+    eval_problems_n: int = 200  # how many of them
+    out: str = "ckpt/comt_ccrl"  # checkpoint directory (policy in HF layout + value_head.safetensors)
+    overwrite: bool = False  # allow replacing an existing checkpoint in out without --resume
+    resume: bool = False  # continue from out exactly (policy, value head, optimizer, KL coef, step, RNG)
+    value_init: str = ""  # a PPO checkpoint whose value head (and critic) to start from ("" = fresh head)
+    # reward (paper §3.2; confidence.py)
+    reward: str = "ccrl"  # outcome: answer correctness only | ccrl: + confidence terms on computed numbers
+    alpha: float = 0.1  # CCRL: +alpha * confidence for a correct computed number
+    beta: float = 0.2  # CCRL: -beta * confidence for a wrong one (beta > alpha)
+    confidence_kind: str = "exp"  # exp: c = exp(-mean H) | norm: c = 1 - mean H / log V
+    penalty: float = -1.0  # outcome score without a parsable answer or without EOS
+    kl_coef: float = 0.05  # beta_KL of the per-token k1 penalty in the reward
+    kl_target: float = 0.0  # > 0: adaptive KL coefficient steered to this KL per sequence (Ziegler et al.)
+    kl_horizon: int = 10000  # adaptive controller horizon, in sequences
+    # rollouts
+    prompts_per_step: int = 32  # problems per PPO update
+    samples_per_prompt: int = 1  # responses per problem (>1 needed for grpo / rloo)
+    max_new_tokens: int = 256  # response budget; a response without EOS by then gets the penalty
+    temperature: float = 1.0  # rollout temperature; old, new and reference log-probs use the same one
+    # advantages and losses
+    advantage: str = "gae"  # gae (value head) | grpo | rloo (group baselines, no critic)
+    gamma: float = 1.0  # discount (1: every response token is one episode's step)
+    lam: float = 0.95  # GAE lambda
+    whiten_rewards: bool = False  # scale the per-token rewards by their batch std before GAE
+    clip: float = 0.2  # PPO ratio clip
+    value_clip: float = 0.2  # value-prediction clip around the rollout's values
+    vf_coef: float = 0.1  # weight of the value loss
+    critic: str = "head"  # head: value head on the policy trunk | separate: its own copy of the SFT model
+    # optimisation
+    steps: int = 100  # PPO updates (each: rollout, scoring, epochs x minibatches)
+    ppo_epochs: int = 2  # passes over each rollout batch
+    minibatch_size: int = 16  # sequences per gradient step
+    lr: float = 1e-5  # policy learning rate
+    critic_lr: float = 1e-4  # value head (and separate critic) learning rate
+    grad_clip: float = 1.0  # global grad-norm clip
+    target_kl: float = 0.0  # > 0: stop an update's epochs once approx-KL exceeds it
+    # bookkeeping
+    log_every: int = 1
+    sample_every: int = 10  # print a table of sample responses every this many updates
+    eval_every: int = 25  # 0 = only at the end
+    save_every: int = 25  # 0 = only at the end
+    stop_at: int = 0  # save and stop after this update (0 = run to the end)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA) | float32 | bfloat16
+    attn: str = "sdpa"
+
+
+def check_config(cfg: PPOConfig):
+    def bad(msg):
+        raise PPOError(msg)
+    if cfg.reward not in ("outcome", "ccrl"):
+        bad(f"--reward {cfg.reward!r}: expected outcome or ccrl")
+    if cfg.advantage not in ("gae", "grpo", "rloo"):
+        bad(f"--advantage {cfg.advantage!r}: expected gae, grpo or rloo")
+    if cfg.advantage != "gae" and cfg.samples_per_prompt < 2:
+        bad(f"--advantage {cfg.advantage} needs --samples-per-prompt >= 2 (got {cfg.samples_per_prompt})")
+    if cfg.reward == "ccrl" and not 0 <= cfg.alpha < cfg.beta:
+        bad(f"--alpha {cfg.alpha} --beta {cfg.beta}: expected 0 <= alpha < beta (wrong numbers cost more)")
+    if cfg.critic not in ("head", "separate"):
+        bad(f"--critic {cfg.critic!r}: expected head or separate")
+    if cfg.confidence_kind not in ("exp", "norm"):
+        bad(f"--confidence-kind {cfg.confidence_kind!r}: expected exp or norm")
+    for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "steps", "ppo_epochs", "minibatch_size"):
+        if getattr(cfg, name) < 1:
+            bad(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a positive integer")
+    for name in ("temperature", "clip", "value_clip", "lr", "critic_lr"):
+        if not getattr(cfg, name) > 0:
+            bad(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a positive number")
+    if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1) or cfg.kl_coef < 0:
+        bad(f"--gamma {cfg.gamma} --lam {cfg.lam} --kl-coef {cfg.kl_coef}: expected gamma, lam in [0, 1], kl_coef >= 0")
+
+
 # ============================================================================= PPO math
 # Pure tensor functions, no model and no I/O. Shapes: B rows, T token positions, V vocabulary.
 # `mask` (B, T) is 1 on the response tokens that count (EOS included) and 0 on prompt and padding.
@@ -46,10 +131,6 @@ from sft import append_metrics, trim_metrics
 # A per-sequence mean first (mean over a row, then over rows) gives a token of a short answer more
 # weight than a token of a long one, a length bias discussed by DAPO (arXiv 2503.14476) and Dr. GRPO
 # (arXiv 2503.20783); token-level is also OpenRLHF's default.
-
-
-class PPOError(ValueError):
-    """Bad input to the PPO math; the message is one line naming what was expected."""
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -259,87 +340,6 @@ class AdaptiveKLController:
     def update(self, current_kl: float, n_steps: int) -> None:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
-
-
-# ============================================================================= configuration
-
-
-@dataclass
-class PPOConfig:
-    init: str = "ckpt/comt"  # SFT checkpoint: the policy starts here, the frozen reference is a copy of it
-    problems: str = "data/world/train.jsonl"  # prompts with gold answers (and intermediates for CCRL)
-    eval_problems: str = "data/world/test_id.jsonl"  # greedy accuracy on these every eval_every updates
-    eval_problems_n: int = 200  # how many of them
-    out: str = "ckpt/comt_ccrl"  # checkpoint directory (policy in HF layout + value_head.safetensors)
-    overwrite: bool = False  # allow replacing an existing checkpoint in out without --resume
-    resume: bool = False  # continue from out exactly (policy, value head, optimizer, KL coef, step, RNG)
-    value_init: str = ""  # a PPO checkpoint whose value head (and critic) to start from ("" = fresh head)
-    # reward (paper §3.2; confidence.py)
-    reward: str = "ccrl"  # outcome: answer correctness only | ccrl: + confidence terms on computed numbers
-    alpha: float = 0.1  # CCRL: +alpha * confidence for a correct computed number
-    beta: float = 0.2  # CCRL: -beta * confidence for a wrong one (beta > alpha)
-    confidence_kind: str = "exp"  # exp: c = exp(-mean H) | norm: c = 1 - mean H / log V
-    penalty: float = -1.0  # outcome score without a parsable answer or without EOS
-    kl_coef: float = 0.05  # beta_KL of the per-token k1 penalty in the reward
-    kl_target: float = 0.0  # > 0: adaptive KL coefficient steered to this KL per sequence (Ziegler et al.)
-    kl_horizon: int = 10000  # adaptive controller horizon, in sequences
-    # rollouts
-    prompts_per_step: int = 32  # problems per PPO update
-    samples_per_prompt: int = 1  # responses per problem (>1 needed for grpo / rloo)
-    max_new_tokens: int = 256  # response budget; a response without EOS by then gets the penalty
-    temperature: float = 1.0  # rollout temperature; old, new and reference log-probs use the same one
-    # advantages and losses
-    advantage: str = "gae"  # gae (value head) | grpo | rloo (group baselines, no critic)
-    gamma: float = 1.0  # discount (1: every response token is one episode's step)
-    lam: float = 0.95  # GAE lambda
-    whiten_rewards: bool = False  # scale the per-token rewards by their batch std before GAE
-    clip: float = 0.2  # PPO ratio clip
-    value_clip: float = 0.2  # value-prediction clip around the rollout's values
-    vf_coef: float = 0.1  # weight of the value loss
-    critic: str = "head"  # head: value head on the policy trunk | separate: its own copy of the SFT model
-    # optimisation
-    steps: int = 100  # PPO updates (each: rollout, scoring, epochs x minibatches)
-    ppo_epochs: int = 2  # passes over each rollout batch
-    minibatch_size: int = 16  # sequences per gradient step
-    lr: float = 1e-5  # policy learning rate
-    critic_lr: float = 1e-4  # value head (and separate critic) learning rate
-    grad_clip: float = 1.0  # global grad-norm clip
-    target_kl: float = 0.0  # > 0: stop an update's epochs once approx-KL exceeds it
-    # bookkeeping
-    log_every: int = 1
-    sample_every: int = 10  # print a table of sample responses every this many updates
-    eval_every: int = 25  # 0 = only at the end
-    save_every: int = 25  # 0 = only at the end
-    stop_at: int = 0  # save and stop after this update (0 = run to the end)
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA) | float32 | bfloat16
-    attn: str = "sdpa"
-
-
-def check_config(cfg: PPOConfig):
-    def bad(msg):
-        raise PPOError(msg)
-    if cfg.reward not in ("outcome", "ccrl"):
-        bad(f"--reward {cfg.reward!r}: expected outcome or ccrl")
-    if cfg.advantage not in ("gae", "grpo", "rloo"):
-        bad(f"--advantage {cfg.advantage!r}: expected gae, grpo or rloo")
-    if cfg.advantage != "gae" and cfg.samples_per_prompt < 2:
-        bad(f"--advantage {cfg.advantage} needs --samples-per-prompt >= 2 (got {cfg.samples_per_prompt})")
-    if cfg.reward == "ccrl" and not 0 <= cfg.alpha < cfg.beta:
-        bad(f"--alpha {cfg.alpha} --beta {cfg.beta}: expected 0 <= alpha < beta (wrong numbers cost more)")
-    if cfg.critic not in ("head", "separate"):
-        bad(f"--critic {cfg.critic!r}: expected head or separate")
-    if cfg.confidence_kind not in ("exp", "norm"):
-        bad(f"--confidence-kind {cfg.confidence_kind!r}: expected exp or norm")
-    for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "steps", "ppo_epochs", "minibatch_size"):
-        if getattr(cfg, name) < 1:
-            bad(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a positive integer")
-    for name in ("temperature", "clip", "value_clip", "lr", "critic_lr"):
-        if not getattr(cfg, name) > 0:
-            bad(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a positive number")
-    if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1) or cfg.kl_coef < 0:
-        bad(f"--gamma {cfg.gamma} --lam {cfg.lam} --kl-coef {cfg.kl_coef}: expected gamma, lam in [0, 1], kl_coef >= 0")
 
 
 # ============================================================================= policy and critic

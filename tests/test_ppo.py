@@ -108,3 +108,20 @@ def test_bad_inputs_one_line_exit_2(sft_ckpt, tmp_path):
     # A critic is required (GAE) but the checkpoint to take it from has no value head.
     bad("value_head.safetensors", "--value-init", d / "sft")
     assert not (tmp_path / "o").exists()  # nothing was written by any of the refused runs
+
+
+@pytest.mark.parametrize("kw", [dict(critic="separate", target_kl=1e-9),
+                                dict(advantage="rloo", samples_per_prompt=2, prompts_per_step=4, kl_target=1.0)])
+def test_variants_run_and_resume(sft_ckpt, tmp_path, kw):
+    """The separate critic (saved under critic/, reloaded on resume), early stopping on target KL,
+    RLOO with the adaptive KL controller: each runs, logs, and resumes exactly."""
+    ppo.train(toy_cfg(sft_ckpt, tmp_path / "a", steps=2, **kw))
+    ppo.train(toy_cfg(sft_ckpt, tmp_path / "b", steps=2, stop_at=1, **kw))
+    ppo.train(toy_cfg(sft_ckpt, tmp_path / "b", steps=2, resume=True, **kw))
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    rows = metrics(tmp_path / "a")
+    if kw.get("critic") == "separate":
+        assert (tmp_path / "a" / "critic" / "model.safetensors").exists()
+        assert all(r["minibatches"] == 2 for r in rows)  # target_kl stops after epoch 1 (2 minibatches of 8)
+    else:
+        assert "value_loss" not in rows[0] and rows[1]["kl_coef"] != rows[0]["kl_coef"]

@@ -172,3 +172,25 @@ def test_bad_inputs_one_line_exit_2(tmp_path, tokdir):
     # Without --overwrite or --resume an existing checkpoint is refused.
     r = run_cli(sum(([f"--{k.replace('_', '-')}", v] for k, v in good.items()), []), tmp_path)
     assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tokdir, monkeypatch):
+    sft.train(cfg_of(**base_args(tmp_path, tokdir, max_steps=2)))
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+    real = sft.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] >= 3 else out
+
+    monkeypatch.setattr(sft.F, "cross_entropy", poisoned)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 2"):
+        sft.train(cfg_of(**base_args(tmp_path, tokdir, max_steps=6, save_every=1, overwrite=True)))
+    # Two good steps were saved; the NaN step wrote nothing. (Within the warmup the schedule does not
+    # depend on max_steps, so the saved weights equal those of the clean two-step run.)
+    m = Transformer.from_pretrained(tmp_path / "out")
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    st = torch.load(tmp_path / "out" / "train_state.pt", weights_only=True)
+    assert st["step"] == 2 and (tmp_path / "out" / "model.safetensors").read_bytes() == before
