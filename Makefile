@@ -13,8 +13,8 @@ SETS = data/world/test_id.jsonl data/world/ood_hard.jsonl data/world/ood_deep.js
 # The base stage: corpus size, tokenizer size and training budget (see README, "The base model").
 BASE_DOCS ?= 30000
 BASE_VOCAB ?= 960
-BASE_FLAGS ?= --max-steps 5000 --batch-size 32 --lr 2e-3 --warmup-steps 100 --save-every 250 \
-              --eval-every 500 --eval-problems data/pretrain_test.jsonl --eval-problems-n 100 --log-every 25
+BASE_FLAGS ?= --max-steps 3500 --batch-size 32 --lr 2e-3 --warmup-steps 100 --save-every 250 --eval-frac 0.005 \
+              --eval-every 1000 --eval-problems data/pretrain_test.jsonl --eval-problems-n 100 --log-every 25
 # The demo's budgets: sized for 2 CPU cores.
 DEMO_SFT ?= --max-steps 150 --batch-size 32 --lr 1e-3 --warmup-steps 10 --eval-every 0 --log-every 10
 DEMO_PPO ?= --steps 20 --prompts-per-step 32 --minibatch-size 16 --max-new-tokens 320 --lr 2e-5 \
@@ -25,7 +25,7 @@ REPRO_SFT ?= $(DEMO_SFT)
 REPRO_PPO ?= $(DEMO_PPO)
 REPRO_EVAL ?= --limit 200 --max-new-tokens 512
 
-.PHONY: install test data base demo reproduce bench
+.PHONY: install test data base base-resume demo reproduce bench
 
 install:
 	$(PY) -m pip install -q -r requirements-dev.txt
@@ -42,6 +42,12 @@ base: data
 	    --out base --overwrite $(BASE_FLAGS)
 	$(PY) eval.py --ckpt base --sets data/pretrain_test.jsonl data/world/test_id.jsonl --arithmetic 50 \
 	    --limit 200 --out out/base
+
+# Continue an interrupted base run exactly (e.g. the CPU run, a few hundred steps per sitting).
+base-resume: data
+	$(PY) tokenizer.py train --data data/pretrain.jsonl --vocab-size $(BASE_VOCAB) --out data/tokenizer
+	$(PY) sft.py --data data/pretrain.jsonl --init scratch --tokenizer data/tokenizer --model embedded \
+	    --out base --resume $(BASE_FLAGS)
 
 demo: install data
 	@test -f base/config.json || { echo "error: base/ not found: run 'make base' first (see README)"; exit 2; }
