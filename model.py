@@ -207,10 +207,10 @@ class KVCache(nn.Module):
 def attention(q, k, v, mask, backend: str = "sdpa"):
     """q (B, H, T, D); k, v (B, K, S, D) with H a multiple of K; mask (B, 1, T, S) bool (True = may
     attend) or None for plain causal attention with T == S. Returns (B, H, T, D)."""
-    if backend == "triton":
-        from attention import flash_attention  # the custom kernel; model.py falls back before we get here
+    if backend == "triton" and q.shape[2] > 1:  # decode steps (T = 1) use SDPA: see attention.py
+        from attention import flash_attention  # the custom kernel; pick_attention_backend checked it loads
         return flash_attention(q, k, v, mask)
-    if backend == "sdpa":
+    if backend in ("sdpa", "triton"):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                               enable_gqa=k.shape[1] != q.shape[1])
     # "math": the explicit softmax, readable reference. Query heads are grouped by the kv head they

@@ -1,0 +1,232 @@
+"""attention.py: the Triton flash-attention kernels (run on CPU by Triton's interpreter) against the
+plain-math reference, and the reference against PyTorch's SDPA. Shapes are tiny: the interpreter runs
+every tile op in numpy."""
+
+import importlib.util
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are jitted, i.e. when attention is imported
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attention
+import model
+
+attention = importlib.reload(attention)  # in case it was imported before TRITON_INTERPRET was set: re-jit its kernels
+from attention import FlashAttention, flash_attention, padding_bounds, reference_attention
+from model import ModelConfig, Transformer, causal_mask
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def qkv(B, H, K, T, S, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g).requires_grad_() for shape in ((B, H, T, D), (B, K, S, D), (B, K, S, D))]
+
+
+def key_mask_of(B, S, left=(), right=()):
+    """(B, S) bool: row b has left[b] pads at the front and right[b] at the back."""
+    m = torch.ones(B, S, dtype=torch.bool)
+    for b, n in enumerate(left):
+        m[b, :n] = False
+    for b, n in enumerate(right):
+        if n:
+            m[b, S - n:] = False
+    return m
+
+
+def test_interpreter_available():
+    import triton
+    assert attention.triton is triton and attention.kernel_runs_on(torch.zeros(1))
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference is the formula: it agrees with PyTorch's SDPA (and so with model.py's "sdpa" backend).
+
+
+@pytest.mark.parametrize("B,H,K,T,S,D,causal,left", [
+    (2, 4, 2, 9, 9, 16, True, None),
+    (2, 4, 4, 7, 11, 8, False, None),
+    (2, 6, 2, 10, 10, 16, True, (0, 4)),  # left padding: the model's mask
+    (3, 4, 1, 2, 12, 16, True, (0, 5, 11)),  # decoding behind a cache, T < S
+])
+def test_reference_matches_sdpa(B, H, K, T, S, D, causal, left):
+    q, k, v = qkv(B, H, K, T, S, D, seed=1)
+    mask = causal_mask(key_mask_of(B, S, left), S - T, T) if left else None
+    ref = reference_attention(q, k, v, mask, causal)
+    if mask is None and causal and T != S:
+        mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=H != K)
+    torch.testing.assert_close(ref, sdpa, atol=1e-5, rtol=1e-5)
+    if causal:  # model.py's math backend is always causal
+        torch.testing.assert_close(ref, model.attention(q, k, v, mask, "math"), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernels against the reference: forward and all three gradients.
+
+CASES = [
+    # B, H, K, T, S, D, causal, left pads, right pads, tiles (BLOCK_M, BLOCK_N, warps, stages) or None
+    (1, 2, 2, 13, 13, 16, True, None, None, None),  # one tile, not full
+    (2, 4, 2, 37, 37, 32, True, (0, 9), None, None),  # GQA 2 query heads per kv head, 3 tiles, left pads
+    (2, 4, 1, 20, 20, 16, True, (3, 17), None, (16, 32, 1, 1)),  # K=1 (multi-query), BLOCK_N > BLOCK_M
+    (2, 4, 1, 37, 37, 16, True, (3, 20), (4, 0), (32, 16, 1, 1)),  # left and right pads (PPO's batches)
+    (1, 2, 1, 21, 21, 16, False, None, None, None),  # not causal
+    (2, 4, 2, 3, 20, 16, True, (2, 5), None, None),  # decoding chunk: T < S, query i at slot S - T + i
+    (2, 2, 1, 1, 19, 32, True, (0, 18), None, None),  # one decode step; row 1 has a single real key
+    (1, 2, 2, 16, 32, 16, False, None, None, None),  # not causal, T < S, whole tiles
+    # The GPU's tile sizes, several tiles per row: every unmasked middle range is exercised.
+    (2, 4, 2, 300, 300, 16, True, (0, 70), (0, 9),
+     {"fwd": (128, 64, 4, 3), "dkdv": (64, 128, 8, 2), "dq": (64, 64, 4, 3)}),
+    (1, 2, 1, 70, 300, 16, True, (130,), None, (64, 128, 4, 2)),
+]
+
+
+@pytest.mark.parametrize("B,H,K,T,S,D,causal,left,right,tiles", CASES)
+def test_flash_matches_reference(B, H, K, T, S, D, causal, left, right, tiles):
+    q, k, v = qkv(B, H, K, T, S, D, seed=T * 100 + S)
+    key_mask = key_mask_of(B, S, left or (), right or ())
+    mask = causal_mask(key_mask, S - T, T) if (left or right) else None
+    real = key_mask[:, S - T:][:, None, :, None]  # (B, 1, T, 1): query rows at real slots
+    if tiles is None:
+        out = flash_attention(q, k, v, mask, causal)
+    else:
+        first, end = padding_bounds(mask, T, S)
+        out = FlashAttention.apply(q, k, v, first, end, causal, tiles)
+    assert out.stride(1) == D and out.stride(2) == H * D, "not the kernel's output (laid out (B, T, H, D))"
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+
+    ref = reference_attention(q, k, v, mask, causal)
+    # Pad rows are 0 in ours, so their upstream gradient must not reach the reference's inputs either.
+    rq, rk, rv = torch.autograd.grad(ref, (q, k, v), do * real)
+    torch.testing.assert_close(out * real, ref * real, atol=1e-4, rtol=1e-4)
+    assert torch.equal(out * ~real, torch.zeros_like(out)), "pad query rows must be exactly 0"
+    for ours, theirs, name in ((dq, rq, "dq"), (dk, rk, "dk"), (dv, rv, "dv")):
+        assert torch.isfinite(ours).all(), name
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert torch.equal(dq * ~real, torch.zeros_like(dq)), "pad query rows get no gradient"
+    if left and max(left) > 0:  # keys that are left padding are seen by no real query: zero gradient
+        pad_keys = ~key_mask[:, None, :, None]
+        assert torch.equal(dk * pad_keys, torch.zeros_like(dk)) and torch.equal(dv * pad_keys, torch.zeros_like(dv))
+
+
+def test_gradient_through_expanded_upstream():
+    """out.sum().backward() hands the backward a stride-0 gradient; the wrapper must cope."""
+    q, k, v = qkv(1, 2, 1, 17, 17, 16, seed=3)
+    flash_attention(q, k, v).sum().backward()
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    reference_attention(q2, k2, v2).sum().backward()
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# The mask: read once into first/end, anything else goes to the fallback.
+
+
+def test_padding_bounds_reads_the_model_mask():
+    S = 12
+    key_mask = key_mask_of(4, S, left=(0, 3, 11, 0), right=(0, 2, 0, 5))
+    for T in (S, 4, 1):
+        first, end = padding_bounds(causal_mask(key_mask, S - T, T), T, S)
+        assert first.tolist() == [0, 3, 11, 0] and end.tolist() == [12, 10, 12, 7]
+        assert first.dtype == end.dtype == torch.int32
+    # A single trailing pad is indistinguishable from a real last key in this mask; either reading is exact.
+    first, end = padding_bounds(causal_mask(key_mask_of(1, S, right=(1,)), 0, S), S, S)
+    assert (first.item(), end.item()) == (0, S)
+
+
+def test_padding_bounds_rejects_other_masks():
+    T = S = 10
+    good = causal_mask(key_mask_of(2, S, left=(0, 3)), 0, T)
+    bad = good.clone()
+    bad[1, 0, 7, 5] = False  # a hole inside a row
+    assert padding_bounds(good, T, S) is not None
+    assert padding_bounds(bad, T, S) is None
+    assert padding_bounds(good.float(), T, S) is None  # additive float masks are not this form
+    holes = key_mask_of(2, S, left=(0, 3))
+    holes[0, 4] = False  # a pad in the middle of the row: not left/right padding
+    assert padding_bounds(causal_mask(holes, 0, T), T, S) is None
+
+
+def test_other_masks_fall_back_to_the_reference():
+    B, H, K, T, S, D = 2, 2, 1, 9, 9, 16
+    q, k, v = qkv(B, H, K, T, S, D, seed=5)
+    g = torch.Generator().manual_seed(6)
+    mask = (torch.rand(B, 1, T, S, generator=g) < 0.5) | torch.eye(T, dtype=torch.bool)
+    torch.testing.assert_close(flash_attention(q, k, v, mask), reference_attention(q, k, v, mask), atol=0, rtol=0)
+
+
+def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
+    B, H, K, T, S, D = 2, 2, 1, 6, 6, 16
+    q, k, v = qkv(B, H, K, T, S, D, seed=8)
+    mask = causal_mask(key_mask_of(B, S, left=(0, 2)), 0, T)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    out = flash_attention(q, k, v, mask)
+    # The reference keeps the model mask's pad rows (each attends to itself), which the kernel zeroes.
+    torch.testing.assert_close(out, reference_attention(q, k, v, mask), atol=0, rtol=0)
+    assert out[1, :, 0].abs().sum() > 0
+
+
+def test_bad_shapes():
+    q, k, v = qkv(1, 3, 2, 4, 4, 16, seed=9)
+    with pytest.raises(ValueError, match="multiple of K"):
+        flash_attention(q, k, v)
+    q, k, v = qkv(1, 2, 2, 5, 4, 16, seed=9)
+    with pytest.raises(ValueError, match="T <= S"):
+        flash_attention(q, k, v)
+
+
+def test_import_without_triton(monkeypatch):
+    """A machine without Triton still imports attention.py and gets the reference."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location("attention_no_triton", os.path.join(ROOT, "attention.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.triton is None
+    q, k, v = qkv(1, 2, 1, 5, 5, 16, seed=10)
+    torch.testing.assert_close(mod.flash_attention(q, k, v), reference_attention(q, k, v), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inside the model: the "triton" backend gives the "math" backend's logits, gradients and samples.
+
+
+def tiny_pair():
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    ref = Transformer(cfg, attn="math")
+    ours = Transformer(cfg, attn="math")
+    ours.load_state_dict(ref.state_dict())
+    ours.attn = "triton"  # pick_attention_backend would refuse without CUDA; the interpreter runs it here
+    return ref, ours
+
+
+def test_model_forward_and_backward_match_math_backend():
+    ref, ours = tiny_pair()
+    ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(11))
+    am = key_mask_of(2, 11, left=(0, 4)).long()
+    real = am.bool()[..., None]
+    outs = []
+    for m in (ref, ours):
+        logits = m(ids, attention_mask=am)
+        (logits * real).square().mean().backward()
+        outs.append((logits, m.model.layers[0].self_attn.q_proj.weight.grad, m.model.embed_tokens.weight.grad))
+    torch.testing.assert_close(outs[1][0] * real, outs[0][0] * real, atol=1e-4, rtol=1e-4)
+    for a, b in zip(outs[1][1:], outs[0][1:]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_model_generate_matches_math_backend():
+    ref, ours = tiny_pair()
+    prompts = [[5, 9, 2, 7, 1], [3, 8]]
+    a = model.generate(ref, prompts, 3, temperature=0)
+    b = model.generate(ours, prompts, 3, temperature=0)
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=1e-4)
