@@ -81,22 +81,13 @@ PAIR_KEYS = {"prompt", "completion"}
 META_KEYS = {"id", "source", "answer", "eos"}  # tolerated alongside the payload
 
 
-def read_jsonl(path: str) -> list[tuple[int, dict]]:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path}: file not found")
-    rows = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object")
-            rows.append((n, obj))
+def read_examples(path: str) -> list[tuple[int, dict]]:
+    """(line number, object) of every line; data.py owns the jsonl reading."""
+    from data import read_jsonl
+    rows = read_jsonl(path)
+    for n, obj in rows:
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object")
     if not rows:
         raise DataError(f"{path}: no examples")
     return rows
@@ -125,7 +116,7 @@ def encode_example(tok, obj: dict, where: str):
 
 def load_examples(path: str, tok, max_len: int):
     examples, truncated = [], 0
-    for n, obj in read_jsonl(path):
+    for n, obj in read_examples(path):
         ids, mask = encode_example(tok, obj, f"{path}:{n}")
         if len(ids) > max_len:
             ids, mask = ids[:max_len], mask[:max_len]

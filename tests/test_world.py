@@ -1,5 +1,6 @@
 """Tests for world.py and families.py: the embedded world, its splits, base corpus and SFT sets, its CLI."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -23,7 +24,12 @@ def read(path):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    summary = world_py.build_world(world_py.WorldConfig(out=str(out), seed=3, **SMALL))
+    cwd = os.getcwd()
+    os.chdir(out)  # away from the repository's base/, whose tokenizer the summary would otherwise use
+    try:
+        summary = world_py.build_world(world_py.WorldConfig(out=str(out), seed=3, **SMALL))
+    finally:
+        os.chdir(cwd)
     splits = {s: read(out / "world" / f"{s}.jsonl") for s in world_py.SPLITS}
     return {"out": out, "summary": summary, "splits": splits, "pretrain": [r["text"] for r in read(out / "pretrain.jsonl")],
             "pretrain_test": read(out / "pretrain_test.jsonl"), "cot": read(out / "cot.jsonl"),
