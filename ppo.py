@@ -19,12 +19,11 @@ OpenRLHF): left padding with positions from the mask, PAD != EOS, the same tempe
 log-prob, k1 KL in the reward, zero-initialised value head, returns before whitening, token-level loss
 aggregation, grad clipping, missing-EOS penalty, optional early stop on approx-KL.
 """
-import argparse
 import io
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -35,7 +34,7 @@ from tqdm import tqdm
 from confidence import ccrl_reward_from_rollout
 from data import answers_match, extract_answer, load_problems, parse_number, prompt_text
 from model import Transformer, generate, left_pad, recover_dir
-from sft import append_metrics, trim_metrics
+from sft import append_metrics, parse_config, trim_metrics
 
 # ============================================================================= configuration
 
@@ -655,14 +654,7 @@ def train(cfg: PPOConfig):
 
 
 def parse_args(argv=None) -> PPOConfig:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(PPOConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            ap.add_argument(flag, action="store_true", default=f.default)
-        else:
-            ap.add_argument(flag, type=type(f.default), default=f.default)
-    return PPOConfig(**vars(ap.parse_args(argv)))
+    return parse_config(PPOConfig, __doc__, argv)
 
 
 def main(argv=None):

@@ -401,15 +401,21 @@ def train(cfg: SFTConfig):
     return model
 
 
-def parse_args(argv=None) -> SFTConfig:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(SFTConfig):
+def parse_config(cls, doc: str, argv=None):
+    """Flags mirror the config dataclass: field `max_steps` is `--max-steps`, bools are switches.
+    ppo.py parses its PPOConfig the same way."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool" or f.type is bool:
+        if f.type is bool or f.type == "bool":
             ap.add_argument(flag, action="store_true", default=f.default)
         else:
             ap.add_argument(flag, type=type(f.default), default=f.default)
-    return SFTConfig(**vars(ap.parse_args(argv)))
+    return cls(**vars(ap.parse_args(argv)))
+
+
+def parse_args(argv=None) -> SFTConfig:
+    return parse_config(SFTConfig, __doc__, argv)
 
 
 def main(argv=None):
