@@ -5,8 +5,10 @@ One `Transformer` covers the architectures of the paper's students:
   - Llama 2 / 3 / 3.1 / 3.2 (`LlamaForCausalLM`; Llama-3.1 RoPE frequency scaling, tied or untied),
   - Qwen2 / Qwen2.5 (`Qwen2ForCausalLM`: bias on the q/k/v projections),
   - Qwen3 (`Qwen3ForCausalLM`: RMSNorm on each head of q and k, explicit head_dim),
-and the small from-scratch config of the embedded default. Parameter names are HF's, so a checkpoint
-directory we write loads in `transformers.AutoModelForCausalLM.from_pretrained` unchanged and vice versa.
+and the small from-scratch config of the embedded default. Parameter names are HF's, except that q/k/v
+and gate/up are fused into one matmul each (`qkv_proj`, `gate_up_proj`); checkpoints are read and written
+in the HF layout (`hf_to_ours`, `ours_to_hf`), so a directory we write loads in
+`transformers.AutoModelForCausalLM.from_pretrained` unchanged and vice versa.
 
     python model.py CKPT_DIR --prompt "Question: ..."   # sample from a checkpoint
     python model.py CKPT_DIR --check                     # load, shape-check, print the config
@@ -15,6 +17,7 @@ Conventions: B batch, T query length, S key length, H query heads, K kv heads, D
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -27,6 +30,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -196,12 +200,24 @@ class KVCache(nn.Module):
         super().__init__()
         self.register_buffer("k", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device), persistent=False)
+        if self.k.is_cuda:  # a CUDA graph of decode_step writes these in place, at fixed addresses
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
 
-    def update(self, start: int, k, v):
-        T = k.shape[2]
-        self.k[:, :, start:start + T] = k
-        self.v[:, :, start:start + T] = v
-        return self.k[:, :, :start + T], self.v[:, :, :start + T]
+    def update(self, start, k, v):
+        """Write k, v (B, K, T, D) at slots start .. start+T-1. `start` an int: return the slots up to
+        the last one written, (B, K, start+T, D). `start` a 0-d tensor (the static-shape decode path):
+        return the whole cache (B, K, S_max, D); the caller's mask hides the slots not written yet."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if isinstance(start, int):
+            T = k.shape[2]
+            self.k[:, :, start:start + T] = k
+            self.v[:, :, start:start + T] = v
+            return self.k[:, :, :start + T], self.v[:, :, :start + T]
+        slots = start + torch.arange(k.shape[2], device=k.device)  # (T,)
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
 
 
 def attention(q, k, v, mask, backend: str = "sdpa"):
@@ -233,25 +249,27 @@ class Attention(nn.Module):
         super().__init__()
         H, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.H, self.K, self.D = H, K, D
-        self.q_proj = nn.Linear(cfg.hidden_size, H * D, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, K * D, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, K * D, bias=cfg.qkv_bias)
+        # q, k and v in one matmul: rows [q (H*D) | k (K*D) | v (K*D)]. Checkpoints keep HF's separate
+        # q_proj / k_proj / v_proj (see hf_to_ours / ours_to_hf).
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (H + 2 * K) * D, bias=cfg.qkv_bias)
+        self.qkv_proj.rows = [H * D, K * D, K * D]
         self.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.model_type == "qwen3":  # Qwen3 normalises each head of q and k before RoPE
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: Optional[KVCache], cache_start: int, backend: str):
+    def forward(self, x, cos, sin, mask, cache: Optional[KVCache], cache_start, backend: str):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.H, self.D)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, self.K, self.D)  # (B, T, K, D)
-        v = self.v_proj(x).view(B, T, self.K, self.D)
+        q, k, v = self.qkv_proj(x).split([self.H * self.D, self.K * self.D, self.K * self.D], dim=-1)
+        q = q.view(B, T, self.H, self.D)  # (B, T, H, D)
+        k = k.view(B, T, self.K, self.D)  # (B, T, K, D)
+        v = v.view(B, T, self.K, self.D)  # (B, T, K, D)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|K, T, D)
         if cache is not None:
-            k, v = cache.update(cache_start, k, v)  # (B, K, S, D), S = cache_start + T
+            k, v = cache.update(cache_start, k, v)  # (B, K, S, D)
         y = attention(q, k, v, mask, backend)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))  # (B, T, H*D)
 
@@ -259,12 +277,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)  # [gate | up]
+        self.gate_up_proj.rows = [cfg.intermediate_size] * 2
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -308,7 +327,10 @@ class Transformer(nn.Module):
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            # Block by block for the fused projections: the same draws, in the same order, as separate
+            # q/k/v and gate/up layers, so a seed gives the same model as with HF's layout.
+            for block in module.weight.split(getattr(module, "rows", [module.weight.shape[0]])):
+                nn.init.normal_(block, mean=0.0, std=self.config.initializer_range)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
@@ -321,20 +343,35 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The output projection (V, hidden): the embedding matrix itself when tied."""
+        return self.lm_head.weight
+
     def setup_cache(self, batch: int, max_len: int):
         p = self.lm_head.weight
-        self.caches = [KVCache(batch, max_len, self.config.num_key_value_heads, self.config.head_dim, p.dtype, p.device)
+        # Under autocast (fp32 weights, bf16 matmuls) keys and values are kept in the autocast dtype.
+        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
+        shape = (batch, self.config.num_key_value_heads, max_len, self.config.head_dim)
+        if self.caches is not None and self.caches[0].k.shape == shape and self.caches[0].k.dtype == dtype \
+                and self.caches[0].k.device == p.device:
+            for c in self.caches:  # reuse: a captured CUDA graph keeps pointing at these buffers
+                c.k.zero_(), c.v.zero_()
+            return
+        self.caches = [KVCache(batch, max_len, self.config.num_key_value_heads, self.config.head_dim, dtype, p.device)
                        for _ in range(self.config.num_hidden_layers)]
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache_start: Optional[int] = None,
-                key_mask=None, return_hidden: bool = False, last_only: bool = False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache_start=None,
+                key_mask=None, return_hidden: bool = False, last_only: bool = False, logits: bool = True):
         """input_ids (B, T) -> logits (B, T, V) (or (B, 1, V) with last_only), and the final hidden
-        states (B, T, hidden) with return_hidden.
+        states (B, T, hidden) with return_hidden. logits=False returns only the final (normed) hidden
+        states and never runs the lm_head: for chunked_cross_entropy / chunked_token_logprobs.
 
         Training / scoring: `attention_mask` (B, T) marks real tokens (left padding allowed); positions
         are derived from it so a left-padded row is computed exactly as the unpadded one.
-        Decoding: `cache_start` is the slot where these tokens go in the KV cache and `key_mask` (B, S)
-        marks the real slots of the whole cached sequence, S = cache_start + T.
+        Decoding: `cache_start` is the slot where these tokens go in the KV cache. As an int, `key_mask`
+        (B, S) marks the real slots of the cached sequence so far, S = cache_start + T. As a 0-d tensor
+        (decode_step), `key_mask` covers the whole cache (B, S_max) and every shape is fixed.
         """
         B, T = input_ids.shape
         dev = input_ids.device
@@ -360,10 +397,12 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer, c in zip(self.model.layers, cache):
-            x = layer(x, cos, sin, mask, c, cache_start or 0, self.attn)
+            x = layer(x, cos, sin, mask, c, cache_start, self.attn)
         h = self.model.norm(x)
-        logits = self.lm_head(h[:, -1:] if last_only else h)
-        return (logits, h) if return_hidden else logits
+        if not logits:
+            return h
+        out = self.lm_head(h[:, -1:] if last_only else h)
+        return (out, h) if return_hidden else out
 
     # --- checkpoints in the HF layout ---------------------------------------------------------
 
@@ -375,7 +414,7 @@ class Transformer(nn.Module):
         with torch.device("meta"):
             model = cls(cfg, attn=attn)
         state = read_safetensors(path)
-        expected = {k: v for k, v in model.state_dict().items()}
+        expected = ours_to_hf(model.state_dict(), cfg)  # names and shapes checked in the file's layout
         if cfg.tie_word_embeddings:
             expected.pop("lm_head.weight")
             state.pop("lm_head.weight", None)  # some exporters write the tied copy anyway
@@ -391,20 +430,23 @@ class Transformer(nn.Module):
                                   f"for {cfg.model_type}")
         dtype = dtype or next(iter(state.values())).dtype
         model = model.to_empty(device=device)
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=False)
+        model.load_state_dict(hf_to_ours({k: v.to(dtype) for k, v in state.items()}), strict=False, assign=False)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.to(dtype=dtype)
 
-    def save_pretrained(self, path, dtype=None, max_shard_bytes: int = 4 << 30, extra=None):
+    def save_pretrained(self, path, dtype=None, max_shard_bytes: int = 4 << 30, extra=None, state_dict=None):
         """Write config.json and model.safetensors (sharded with an index above max_shard_bytes).
         The directory is assembled beside the target and renamed into place, so a crash leaves either
         the old checkpoint or the new one, never half of each. `extra(tmp_dir)` may add files (the
-        tokenizer, the training state) to the same atomic write."""
+        tokenizer, the training state) to the same atomic write. `state_dict`: the weights to write
+        instead of this module's own (e.g. an FSDP model's, gathered onto one rank)."""
         from safetensors.torch import save_file
         path = Path(path)
         dtype = dtype or self.lm_head.weight.dtype
-        state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.state_dict().items()}
+        # copy=True: the split q/k/v and gate/up views must not share storage (safetensors refuses that)
+        state = {k: v.detach().to("cpu", dtype, copy=True).contiguous()
+                 for k, v in ours_to_hf(self.state_dict() if state_dict is None else state_dict, self.config).items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")
         shards, cur, size = [], {}, 0
@@ -434,6 +476,66 @@ class Transformer(nn.Module):
                 extra(tmp)
 
         atomic_dir(path, write)
+
+
+# The HF layout differs from ours only in the fused projections: HF keeps q_proj / k_proj / v_proj and
+# gate_proj / up_proj apart, we stack their rows (and biases) in that order.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _split_name(name: str):
+    """'model.layers.0.self_attn.q_proj.weight' -> ('model.layers.0.self_attn', 'q_proj', 'weight')."""
+    module, _, leaf = name.rpartition(".")
+    parent, _, proj = module.rpartition(".")
+    return parent, proj, leaf
+
+
+def hf_to_ours(state: dict) -> dict:
+    """An HF-layout state dict -> ours: q/k/v and gate/up tensors concatenated; everything else as is."""
+    out = dict(state)
+    for name in state:
+        parent, proj, leaf = _split_name(name)
+        for fused, parts in FUSED.items():
+            if proj == parts[0]:
+                out[f"{parent}.{fused}.{leaf}"] = torch.cat([out.pop(f"{parent}.{p}.{leaf}") for p in parts])
+    return out
+
+
+def ours_to_hf(state: dict, cfg: ModelConfig) -> dict:
+    """Our state dict -> the HF layout: fused tensors split back into views of their row blocks."""
+    H, K, D, I = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+    rows = {"qkv_proj": [H * D, K * D, K * D], "gate_up_proj": [I, I]}
+    out = {}
+    for name, t in state.items():
+        parent, proj, leaf = _split_name(name)
+        if proj in FUSED:
+            out.update({f"{parent}.{p}.{leaf}": part for p, part in zip(FUSED[proj], t.split(rows[proj]))})
+        else:
+            out[name] = t
+    return out
+
+
+def fuse_optimizer_state(saved: dict, opt: torch.optim.Optimizer, model: "Transformer") -> dict:
+    """An optimizer state_dict saved while q/k/v and gate/up were separate parameters (one entry each, in
+    the HF order) -> one that `opt` (the same groups over this model's parameters) loads. A fused
+    parameter's per-element state (Adam's moments) is its parts' concatenated; the rest (step) the first's.
+    A state saved with the fused parameters already is returned as it is."""
+    if [len(g["params"]) for g in saved["param_groups"]] == [len(g["params"]) for g in opt.param_groups]:
+        return saved
+    names = {id(p): n for n, p in model.named_parameters()}
+    state, groups, new_i = {}, [], 0
+    for g_saved, g in zip(saved["param_groups"], opt.param_groups):
+        old, ids = iter(g_saved["params"]), []
+        for p in g["params"]:
+            n_parts = len(FUSED.get(_split_name(names.get(id(p), ""))[1], ("",)))  # 3 for qkv, 2 for gate_up
+            parts = [saved["state"].get(next(old)) for _ in range(n_parts)]
+            if parts[0] is not None:
+                state[new_i] = {k: torch.cat([s[k] for s in parts]) if torch.is_tensor(v) and v.dim() else v
+                                for k, v in parts[0].items()}
+            ids.append(new_i)
+            new_i += 1
+        groups.append({**g_saved, "params": ids})
+    return {"state": state, "param_groups": groups}
 
 
 def atomic_dir(path: Path, write) -> None:
@@ -513,12 +615,12 @@ def pick_attention_backend(name: str) -> str:
     return name
 
 
-def causal_mask(key_mask, start: int, T: int):
+def causal_mask(key_mask, start, T: int):
     """Boolean (B, 1, T, S) mask: query i (cache slot start+i) may attend key slot j if the key is real
     and j <= start+i. A query with no visible key (a left-pad position) is allowed itself, so softmax
-    never sees an empty row; its output is never used."""
+    never sees an empty row; its output is never used. `start` may be a 0-d tensor (decode_step)."""
     B, S = key_mask.shape
-    q_slot = torch.arange(start, start + T, device=key_mask.device)[:, None]  # (T, 1)
+    q_slot = start + torch.arange(T, device=key_mask.device)[:, None]  # (T, 1)
     k_slot = torch.arange(S, device=key_mask.device)[None, :]  # (1, S)
     m = key_mask[:, None, :] & (k_slot <= q_slot)[None]  # (B, T, S)
     m = m | (k_slot == q_slot)[None]
@@ -579,17 +681,51 @@ def sample_token(logits, temperature: float, top_k: int, top_p: float, generator
     return token, logp.gather(-1, token[:, None]).squeeze(-1), entropy
 
 
+def decode_step(model: Transformer, tokens, positions, slot, key_mask):
+    """One decoding step with every shape fixed, so torch.compile(mode="reduce-overhead") captures it once
+    as a CUDA graph: tokens (B, 1), positions (B, 1) their RoPE positions, slot a 0-d long tensor (the
+    cache slot they are written to), key_mask (B, S_max) bool over the whole cache. Attention reads the
+    full cache; slots after `slot` (not written yet) are masked out by causality. -> fp32 logits (B, V)."""
+    return model(tokens, position_ids=positions, cache_start=slot, key_mask=key_mask)[:, -1].float()
+
+
+@functools.cache
+def compiled_decode_step():
+    return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+
+
 @torch.no_grad()
+def all_done(finished, across_ranks: bool) -> bool:
+    left = (~finished).sum()  # a host sync
+    if across_ranks:
+        torch.distributed.all_reduce(left)
+    return int(left) == 0
+
+
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, stop_ids=(), pad_id: int = 0, generator=None,
-             sync_every: int = 8) -> Generation:
+             sync_every: int = 8, compile: bool = False, static: Optional[bool] = None,
+             across_ranks: bool = False) -> Generation:
     """Batched sampling with the static KV cache. Prompts are left-padded; each row stops at its first
-    stop token (later positions hold pad_id with mask 0). temperature=0 is greedy."""
+    stop token (later positions hold pad_id with mask 0). temperature=0 is greedy.
+
+    static: decode with decode_step over the whole cache (fixed shapes) rather than the cache sliced to
+    the current length; the same tokens either way. None = on CUDA only (on a CPU slicing is cheaper).
+    compile=True (CUDA only; ignored elsewhere) runs decode_step as a compiled CUDA graph. The cache
+    length is then rounded up to a multiple of 64 (fewer distinct shapes to compile) and the cache is
+    kept on the model for the next call, so the graph replays on the same buffers; `model.caches = None`
+    frees it.
+    across_ranks: decode until every rank's rows are done, not just this rank's: under FSDP each forward
+    is a collective, so all ranks must take the same number of steps."""
     dev = model.lm_head.weight.device
+    compiled = compile and dev.type == "cuda"
+    static = compiled or (dev.type == "cuda" if static is None else static)
+    step = compiled_decode_step() if compiled else decode_step
     ids, pmask = left_pad(prompts, pad_id, dev)
     B, P = ids.shape
-    model.setup_cache(B, P + max_new_tokens)
-    key_mask = torch.cat([pmask, torch.ones(B, max_new_tokens, dtype=torch.long, device=dev)], dim=1)
+    S = math.ceil((P + max_new_tokens) / 64) * 64 if compiled else P + max_new_tokens  # cache slots
+    model.setup_cache(B, S)
+    key_mask = torch.cat([pmask.bool(), torch.ones(B, S - P, dtype=torch.bool, device=dev)], dim=1)  # (B, S)
     pos = (pmask.cumsum(-1) - 1).clamp(min=0)
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
@@ -597,23 +733,78 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     entropies = torch.zeros(B, max_new_tokens, device=dev)
     gmask = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
-    logits = model(ids, position_ids=pos, cache_start=0, key_mask=key_mask[:, :P], last_only=True)
-    next_pos = pos[:, -1:] + 1
+    logits = model(ids, position_ids=pos, cache_start=0, key_mask=key_mask[:, :P], last_only=True)[:, -1].float()
+    next_pos = pos[:, -1:] + 1  # (B, 1)
+    slot = torch.tensor(P, device=dev)
     for i in range(max_new_tokens):
-        tok, lp, ent = sample_token(logits[:, -1].float(), temperature, top_k, top_p, generator)
+        tok, lp, ent = sample_token(logits, temperature, top_k, top_p, generator)
         alive = ~finished
-        out[:, i] = torch.where(alive, tok, pad_id)
+        tok = torch.where(alive, tok, pad_id)
+        out[:, i] = tok
         logprobs[:, i] = torch.where(alive, lp, 0.0)
         entropies[:, i] = torch.where(alive, ent, 0.0)
         gmask[:, i] = alive.long()
         finished = finished | (alive & torch.isin(tok, stop))
-        if i + 1 == max_new_tokens or ((i + 1) % sync_every == 0 and bool(finished.all())):
+        if i + 1 == max_new_tokens or ((i + 1) % sync_every == 0 and all_done(finished, across_ranks)):
             break
-        logits = model(out[:, i:i + 1], position_ids=next_pos, cache_start=P + i, key_mask=key_mask[:, :P + i + 1])
-        next_pos = next_pos + 1
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+        if static:
+            logits = step(model, tok[:, None], next_pos, slot, key_mask)
+        else:
+            logits = model(tok[:, None], position_ids=next_pos, cache_start=P + i,
+                           key_mask=key_mask[:, :P + i + 1])[:, -1].float()
+        next_pos, slot = next_pos + 1, slot + 1
     n = i + 1
-    model.caches = None  # free the cache memory between calls
+    if not compiled:
+        model.caches = None  # free the cache memory between calls
     return Generation(out[:, :n], logprobs[:, :n], entropies[:, :n], gmask[:, :n], finished)
+
+
+# -----------------------------------------------------------------------------------------------
+# Losses from final hidden states (forward(..., logits=False)): the logits exist one chunk of rows at a
+# time, in the autocast dtype, under activation checkpointing, so the backward recomputes each chunk's
+# logits instead of keeping (B, T, V) of them. The log-sum-exp is taken in fp32.
+
+
+def _nll_chunk(h, weight, targets, ignore_index: int):
+    logits = F.linear(h, weight)  # (n, V)
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
+
+
+def chunked_cross_entropy(hidden, weight, targets, chunk_rows: int = 1024, ignore_index: int = -100):
+    """hidden (..., d), weight (V, d) (model.lm_head_weight), targets (...) ids, ignore_index where no
+    loss is taken -> (sum of the NLL over counted targets, fp32 0-d; their count, long 0-d). Equal to
+    F.cross_entropy(hidden @ weight.T, targets, reduction="sum") and its gradients."""
+    h = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+    t = targets.reshape(-1)  # (N,)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for hc, tc in zip(h.split(chunk_rows), t.split(chunk_rows)):
+        total = total + checkpoint(_nll_chunk, hc, weight, tc, ignore_index, use_reentrant=False)
+    return total, (t != ignore_index).sum()
+
+
+def _logprob_chunk(h, weight, tokens, temperature: float, entropy: bool):
+    z = F.linear(h, weight).float() / temperature  # (n, V) fp32
+    lse = torch.logsumexp(z, dim=-1)  # (n,)
+    logp = z.gather(-1, tokens[:, None]).squeeze(-1) - lse
+    if not entropy:
+        return logp
+    return logp, lse - (torch.softmax(z, dim=-1) * z).sum(-1)  # H = lse - E_p[z]
+
+
+def chunked_token_logprobs(hidden, weight, tokens, temperature: float = 1.0, chunk_rows: int = 1024,
+                           entropy: bool = False):
+    """hidden (B, T, d), weight (V, d), tokens (B, T) -> log p(token) (B, T) fp32 under
+    softmax(hidden @ weight.T / temperature), and with entropy=True also the entropies (B, T) fp32 of
+    that distribution. The same as log_softmax(logits / T).gather(tokens), with gradients."""
+    B, T = tokens.shape
+    h = hidden.reshape(B * T, hidden.shape[-1])  # (B*T, d)
+    parts = [checkpoint(_logprob_chunk, hc, weight, tc, temperature, entropy, use_reentrant=False)
+             for hc, tc in zip(h.split(chunk_rows), tokens.reshape(-1).split(chunk_rows))]
+    if not entropy:
+        return torch.cat(parts).view(B, T)  # (B, T)
+    return torch.cat([p[0] for p in parts]).view(B, T), torch.cat([p[1] for p in parts]).view(B, T)
 
 
 # -----------------------------------------------------------------------------------------------

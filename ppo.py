@@ -23,18 +23,21 @@ import io
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
 from confidence import ccrl_reward_from_rollout
 from data import answers_match, extract_answer, load_problems, parse_number, prompt_text
-from model import Transformer, generate, left_pad, recover_dir
-from sft import append_metrics, parse_config, trim_metrics
+from model import Block, Transformer, chunked_token_logprobs, generate, left_pad, recover_dir
+from sft import (all_sum, append_metrics, clip_grad_norm, init_distributed, lm_head_weight, load_optimizer_state,
+                 parse_config, training_state, trim_metrics, wrap_for_training)
 
 # ============================================================================= configuration
 
@@ -94,6 +97,7 @@ class PPOConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA) | float32 | bfloat16
     attn: str = "sdpa"
+    fsdp: bool = False  # under torchrun: shard policy, critic and reference (FSDP2) instead of DDP
 
 
 def check_config(cfg: PPOConfig):
@@ -177,30 +181,37 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> 
     raise PPOError(f"kl_penalty: unknown kind {kind!r}, expected 'k1', 'k2' or 'k3'")
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x over the positions where mask is 1 (all dims); 0 when the mask is empty."""
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, reduce=None) -> torch.Tensor:
+    """Mean of x over the positions where mask is 1 (all dims); 0 when the mask is empty.
+    reduce: applied to the sum and the count before dividing; with sft.all_sum (a sum over ranks) it
+    is the mean over every rank's valid entries (statistics only: the result carries no gradient)."""
     m = mask.bool()
     # where, not x * mask: padded positions may hold inf or nan (log-probs of pad tokens)
-    return torch.where(m, x, 0.0).sum() / m.sum().clamp(min=1)
+    total, n = torch.where(m, x, 0.0).sum(), m.sum()
+    if reduce is not None:
+        total, n = reduce(total), reduce(n)
+    return total / n.clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduce=None) -> torch.Tensor:
     """Variance of x over the positions where mask is 1; Bessel-corrected (n / (n - 1)) as TRL does,
-    except for a single valid entry, which has variance 0."""
+    except for a single valid entry, which has variance 0. reduce: as in masked_mean."""
     m = mask.bool()
-    centered = torch.where(m, x - masked_mean(x, mask), 0.0)
-    var = masked_mean(centered * centered, mask)
-    n = m.sum()
+    centered = torch.where(m, x - masked_mean(x, mask, reduce), 0.0)
+    var = masked_mean(centered * centered, mask, reduce)
+    n = m.sum() if reduce is None else reduce(m.sum())
     if unbiased and n > 1:
         var = var * n / (n - 1)
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  reduce=None) -> torch.Tensor:
     """(x - mean) / std over the valid entries; shift_mean=False adds the mean back (scale only, as LHP
     does for rewards). Zero off the mask. When all valid entries are equal the std is 0 and the result
-    is 0 (or the mean), not a division by zero: x - mean is 0 there, and eps keeps the scale finite."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    is 0 (or the mean), not a division by zero: x - mean is 0 there, and eps keeps the scale finite.
+    reduce: as in masked_mean (whitening statistics over all ranks' tokens)."""
+    mean, var = masked_mean(x, mask, reduce), masked_var(x, mask, reduce=reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -268,51 +279,64 @@ def group_advantages(scores: torch.Tensor, group_size: int, kind: str = "grpo", 
     return adv.reshape(-1)  # (B,)
 
 
+def token_mean(x: torch.Tensor, mask: torch.Tensor, n_tokens=None) -> torch.Tensor:
+    """The loss aggregation: sum of x over valid tokens / n_tokens (default: their count here). With
+    n_tokens = the count over all ranks, it is this rank's share of the all-rank token mean, and the
+    gradient flows through this rank's tokens only."""
+    if n_tokens is None:
+        return masked_mean(x, mask)
+    return torch.where(mask.bool(), x, 0.0).sum() / n_tokens.clamp(min=1)
+
+
 def policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+                clip: float = 0.2, n_tokens=None, reduce=None) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate (PPO, Schulman et al. 2017), all inputs (B, T):
     loss = mean_t max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip)),  ratio = exp(logp_new - logp_old).
 
     Stats (detached 0-dim tensors): clipfrac (share of tokens where the clipped term is the larger),
     approx_kl = mean((ratio - 1) - log ratio) (k3 of old -> new), ratio mean and variance. At the first
-    minibatch of an epoch ratio should be 1 and approx_kl 0 exactly.
+    minibatch of an epoch ratio should be 1 and approx_kl 0 exactly. Many ranks: n_tokens as in
+    token_mean, reduce as in masked_mean (the stats are then all-rank values).
     """
     log_ratio = (logp_new - logp_old).clamp(-20.0, 20.0)  # a stale or pad token must not overflow exp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = token_mean(torch.maximum(unclipped, clipped), mask, n_tokens)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
-            "ratio": masked_mean(ratio, mask),
-            "ratio_var": masked_var(ratio, mask),
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask, reduce),
+            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask, reduce),
+            "ratio": masked_mean(ratio, mask, reduce),
+            "ratio_var": masked_var(ratio, mask, reduce=reduce),
         }
     return loss, stats
 
 
 def value_loss(values_new: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+               clip: float = 0.2, n_tokens=None, reduce=None) -> tuple[torch.Tensor, dict]:
     """Clipped value loss (LHP / TRL), all (B, T):
     0.5 * mean_t max((V - R)^2, (V_old + clip(V - V_old, -clip, clip) - R)^2).
-    Stats: clipfrac, the share of tokens where the clipped error is the larger one."""
-    v_clipped = values_old + (values_new - values_old).clamp(-clip, clip)
+    Stats: clipfrac, the share of tokens where the clipped error is the larger one. n_tokens, reduce:
+    as in policy_loss."""
+    # = V_old + clip(V - V_old, -c, c), written as a clamp of V so that an unclipped value is V bit for
+    # bit and the clipped error ties the plain one exactly (the clip fraction counts no rounding noise)
+    v_clipped = torch.maximum(torch.minimum(values_new, values_old + clip), values_old - clip)
     err = (values_new - returns) ** 2
     err_clipped = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    loss = 0.5 * token_mean(torch.maximum(err, err_clipped), mask, n_tokens)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((err_clipped > err).float(), mask)}
+        stats = {"clipfrac": masked_mean((err_clipped > err).float(), mask, reduce)}
     return loss, stats
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, reduce=None) -> torch.Tensor:
     """1 - Var(R - V) / Var(R) over valid tokens: 1 perfect, 0 no better than a constant, < 0 worse;
     nan when the returns do not vary."""
-    var_r = masked_var(returns, mask)
+    var_r = masked_var(returns, mask, reduce=reduce)
     if var_r == 0:
         return torch.tensor(float("nan"))
-    return 1.0 - masked_var(returns - values, mask) / var_r
+    return 1.0 - masked_var(returns - values, mask, reduce=reduce) / var_r
 
 
 class FixedKLController:
@@ -352,13 +376,15 @@ class ValueModel(nn.Module):
     def __init__(self, hidden_size: int, trunk: Optional[Transformer] = None):
         super().__init__()
         self.trunk = trunk
+        if trunk is not None and not trunk.config.tie_word_embeddings:
+            trunk.lm_head.requires_grad_(False)  # the critic never uses its LM head (and DDP wants no idle weights)
         self.head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, hidden, ids, attn_mask):
         if self.trunk is not None:
-            _, hidden = self.trunk(ids, attention_mask=attn_mask, return_hidden=True)
+            hidden = self.trunk(ids, attention_mask=attn_mask, logits=False)
         return self.head(hidden.float()).squeeze(-1)
 
 
@@ -366,11 +392,12 @@ def forward_response(policy, critic, ids, attn_mask, P: int, tokens, temperature
     """One forward of [prompt | response] (B, P+N) -> log-probs (B, N) of the response tokens at the
     rollout temperature, and values (B, N). Logits at column t predict token t+1, so response token i
     (column P+i) is scored by column P+i-1, which is also the state the critic values for it."""
-    logits, hidden = policy(ids, attention_mask=attn_mask, return_hidden=True)
     N = tokens.shape[1]
-    logp = logprobs_from_logits(logits[:, P - 1:P - 1 + N], tokens, temperature)  # (B, N)
-    values = critic(hidden[:, P - 1:P - 1 + N], ids, attn_mask) if critic is not None else None
-    if values is not None and critic.trunk is not None:
+    hidden = policy(ids, attention_mask=attn_mask, logits=False)[:, P - 1:P - 1 + N]  # (B, N, d)
+    # the (B, N, V) logits exist one chunk of rows at a time (recomputed in backward), as sft.py's loss
+    logp = chunked_token_logprobs(hidden, lm_head_weight(policy), tokens, temperature)  # (B, N) fp32
+    values = critic(hidden, ids, attn_mask) if critic is not None else None
+    if values is not None and getattr(critic, "module", critic).trunk is not None:  # (critic may be DDP-wrapped)
         values = values[:, P - 1:P - 1 + N]
     return logp, values
 
@@ -378,23 +405,55 @@ def forward_response(policy, critic, ids, attn_mask, P: int, tokens, temperature
 # ============================================================================= one PPO update
 
 
+def rollout(policy, tok, batch: list[dict], cfg: PPOConfig, step: int, rank: int = 0, across_ranks: bool = False):
+    """Sample one response per row of batch with the KV-cache sampler: plain softmax at the rollout
+    temperature, stop at EOS, PAD != EOS. Seeded by (seed, step, rank), so --resume replays it and
+    every rank draws different samples. Returns (prompt ids (B, P) left-padded, their mask, Generation)."""
+    device = policy.lm_head.weight.device
+    prompts = [tok.render(prompt_text(p))[0] for p in batch]
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step + 7_919 * rank)
+    g = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=tok.stop_ids,
+                 pad_id=tok.pad_id, generator=gen, across_ranks=across_ranks)
+    p_ids, p_mask = left_pad(prompts, tok.pad_id, device)
+    return p_ids, p_mask, g
+
+
+@contextmanager
+def gathered(model, on: bool):
+    """FSDP: each decoder block keeps its full weights from its first forward until the block ends,
+    instead of all-gathering them again at every decode step. (The root unit, embeddings and head,
+    stays gathered after its forward anyway.) Costs one full copy of the blocks per rank meanwhile."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)] if on else []
+    for b in blocks:
+        b.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for b in blocks:
+            b.set_reshard_after_forward(True, recurse=False)
+            b.reshard()
+
+
 def ppo_step(step: int, cfg: PPOConfig, ctx) -> dict:
     policy, ref, critic, tok, opt = ctx["policy"], ctx["ref"], ctx["critic"], ctx["tok"], ctx["opt"]
     device, autocast, problems = ctx["device"], ctx["autocast"], ctx["problems"]
+    rank, world, fsdp = ctx["rank"], ctx["world"], ctx["fsdp"]
+    train_policy, train_critic = ctx["train_policy"], ctx["train_critic"]  # the DDP / FSDP wrappers
+    reduce = all_sum if world > 1 else None  # statistics over all ranks' rows
     G = cfg.samples_per_prompt
     t0 = time.time()
 
     # 1. Prompts: this update's problems, a pure function of (seed, step) so --resume replays exactly.
-    batch = [problems[i] for i in problem_indices(len(problems), cfg.prompts_per_step, cfg.seed, step)]
+    #    N ranks take consecutive slices of N x prompts_per_step problems: one rank with N times the batch.
+    k = cfg.prompts_per_step
+    idx = problem_indices(len(problems), k * world, cfg.seed, step)[rank * k:(rank + 1) * k]
+    batch = [problems[i] for i in idx]
     batch = [p for p in batch for _ in range(G)]  # G consecutive samples of each problem (a group)
-    prompts = [tok.render(prompt_text(p))[0] for p in batch]
 
-    # 2. Rollouts with the KV-cache sampler: plain softmax at temperature T, stop at EOS, PAD != EOS.
+    # 2. Rollouts (under FSDP every rank decodes until all ranks are done: each forward is a collective).
     policy.eval()
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-    g = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=tok.stop_ids,
-                 pad_id=tok.pad_id, generator=gen)
-    p_ids, p_mask = left_pad(prompts, tok.pad_id, device)
+    with autocast, gathered(policy, fsdp):
+        p_ids, p_mask, g = rollout(policy, tok, batch, cfg, step, rank, across_ranks=fsdp)
     P = p_ids.shape[1]
     ids = torch.cat([p_ids, g.tokens], 1)  # (B, P+N)
     attn = torch.cat([p_mask, g.mask], 1)
@@ -423,19 +482,23 @@ def ppo_step(step: int, cfg: PPOConfig, ctx) -> dict:
         kind=cfg.confidence_kind, vocab_size=tok.vocab_size)
     scores = scores.to(device)
 
-    # 5. Per-token rewards r_t = score_t - kl_coef * (log pi - log pi_ref)_t, then advantages.
+    # 5. Per-token rewards r_t = score_t - kl_coef * (log pi - log pi_ref)_t, then advantages; the
+    #    whitening statistics are over all ranks' tokens.
     kl_coef = ctx["kl"].value
     rewards, kl = compute_rewards(scores, old_logp, ref_logp, mask, kl_coef)
     if cfg.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
+        rewards = masked_whiten(rewards, mask, shift_mean=False, reduce=reduce)
     if cfg.advantage == "gae":
         advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, reduce=reduce)
     else:  # one number per sequence from its group, the same on each of its tokens
         seq_adv = group_advantages((rewards * mask).sum(1), G, cfg.advantage)
         advantages, returns = seq_adv[:, None] * mask, None
+    ctx["advantages"] = advantages  # for inspection (tests)
 
-    # 6. PPO epochs over shuffled minibatches: clipped policy loss (+ clipped value loss).
+    # 6. PPO epochs over shuffled minibatches: clipped policy loss (+ clipped value loss). A minibatch
+    #    is every rank's next minibatch_size rows; each rank's loss is its share of the token mean over
+    #    all of them, scaled by world because DDP / FSDP average the ranks' gradients.
     policy.train()
     stats, first = [], None
     perm_gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
@@ -444,57 +507,69 @@ def ppo_step(step: int, cfg: PPOConfig, ctx) -> dict:
         epoch_kl = []
         for k in range(0, len(batch), cfg.minibatch_size):
             s = perm[k:k + cfg.minibatch_size].to(device)
+            n_tokens = all_sum(mask[s].sum())
             with autocast:
-                logp, values = forward_response(policy, critic, ids[s], attn[s], P, g.tokens[s], cfg.temperature)
-            pl, st = policy_loss(logp, old_logp[s], advantages[s], mask[s], cfg.clip)
+                logp, values = forward_response(train_policy, train_critic, ids[s], attn[s], P, g.tokens[s], cfg.temperature)
+            pl, st = policy_loss(logp, old_logp[s], advantages[s], mask[s], cfg.clip, n_tokens, reduce)
             loss = pl
             if returns is not None:
-                vl, vst = value_loss(values, old_values[s], returns[s], mask[s], cfg.value_clip)
+                vl, vst = value_loss(values, old_values[s], returns[s], mask[s], cfg.value_clip, n_tokens, reduce)
                 loss = loss + cfg.vf_coef * vl
-                st = {**st, "value_loss": vl.detach(), "value_clipfrac": vst["clipfrac"]}
-            loss.backward()
-            st["grad_norm"] = torch.nn.utils.clip_grad_norm_(ctx["params"], cfg.grad_clip)
+                st = {**st, "value_loss": all_sum(vl.detach()), "value_clipfrac": vst["clipfrac"]}
+            (loss * world).backward()
+            st["grad_norm"] = clip_grad_norm(ctx["params"], cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            st = {k2: float(v) for k2, v in {**st, "policy_loss": pl.detach()}.items()}
+            st = {k2: float(v) for k2, v in {**st, "policy_loss": all_sum(pl.detach())}.items()}
             if first is None:
                 first = st  # ratio must be 1 and approx_kl 0 here: the old log-probs came from this forward
             stats.append(st)
             epoch_kl.append(st["approx_kl"])
-        if cfg.target_kl and sum(epoch_kl) / len(epoch_kl) > cfg.target_kl:
+        if cfg.target_kl and sum(epoch_kl) / len(epoch_kl) > cfg.target_kl:  # the same on every rank
             break
     t_update = time.time() - t1
 
-    # 7. Adapt the KL coefficient to the measured KL per sequence.
-    kl_seq = float((kl * mask).sum(1).mean())
-    ctx["kl"].update(kl_seq, len(batch))
+    # 7. Metrics over all ranks' rows (glossary in README.md): sums of per-row and per-token quantities
+    #    reduced in one call, then divided.
+    f64 = lambda xs: torch.tensor([float(x) for x in xs], dtype=torch.float64, device=device)
+    n_comp = sum(b["n_computed"] for b in breakdown)
+    totals = all_sum(torch.cat([f64([
+        len(batch), sum(b["outcome"] for b in breakdown), sum(c is True for c in correct),
+        sum(b["confidence_bonus"] for b in breakdown), n_comp, sum(b["n_correct"] for b in breakdown),
+        g.finished.sum(), mask.sum()]),
+        torch.stack([(rewards * mask).sum(), (kl * mask).sum(), (kl_penalty(old_logp, ref_logp, "k3") * mask).sum(),
+                     torch.where(mask.bool(), g.entropies, 0.0).sum(),
+                     torch.where(mask.bool(), (g.logprobs - old_logp).abs(), 0.0).sum()]).double()]))
+    rows, outcome, right, bonus, computed, computed_right, eos, n_tok, rew, kl_sum, k3, ent, gap = totals.tolist()
 
-    # 8. Metrics (glossary in README.md).
+    # 8. Adapt the KL coefficient to the measured KL per sequence.
+    kl_seq = kl_sum / rows
+    ctx["kl"].update(kl_seq, int(rows))
+
     mean = lambda key: sum(s[key] for s in stats) / len(stats)
-    n_tok = int(mask.sum())
     row = {
         "step": step + 1,
-        "score": float(torch.tensor([b["outcome"] for b in breakdown]).mean()),
-        "accuracy": sum(c is True for c in correct) / len(correct),
-        "confidence_bonus": sum(b["confidence_bonus"] for b in breakdown) / len(breakdown),
-        "computed_per_response": sum(b["n_computed"] for b in breakdown) / len(breakdown),
-        "computed_correct_frac": sum(b["n_correct"] for b in breakdown) / max(1, sum(b["n_computed"] for b in breakdown)),
-        "reward": float((rewards * mask).sum(1).mean()),
+        "score": outcome / rows,
+        "accuracy": right / rows,
+        "confidence_bonus": bonus / rows,
+        "computed_per_response": computed / rows,
+        "computed_correct_frac": computed_right / max(1.0, computed),
+        "reward": rew / rows,
         "kl": kl_seq,
-        "kl_k3": float((kl_penalty(old_logp, ref_logp, "k3") * mask).sum(1).mean()),
+        "kl_k3": k3 / rows,
         "kl_coef": kl_coef,
-        "entropy": float(masked_mean(g.entropies, mask)),
-        "gen_logprob_gap": float(masked_mean((g.logprobs - old_logp).abs(), mask)),
+        "entropy": ent / max(1.0, n_tok),
+        "gen_logprob_gap": gap / max(1.0, n_tok),
         "approx_kl": mean("approx_kl"), "clipfrac": mean("clipfrac"), "ratio": mean("ratio"),
         "ratio_var": mean("ratio_var"), "first_ratio": first["ratio"], "first_approx_kl": first["approx_kl"],
         "policy_loss": mean("policy_loss"), "grad_norm": mean("grad_norm"),
-        "response_len": n_tok / len(batch), "eos_frac": float(g.finished.float().mean()),
+        "response_len": n_tok / rows, "eos_frac": eos / rows,
         "rollout_s": t_rollout, "update_s": t_update, "tok_per_s": n_tok / max(t_rollout, 1e-9),
         "minibatches": len(stats),
     }
     if returns is not None:
         row.update(value_loss=mean("value_loss"), value_clipfrac=mean("value_clipfrac"),
-                   explained_variance=float(explained_variance(old_values, returns, mask)))
+                   explained_variance=float(explained_variance(old_values, returns, mask, reduce)))
     ctx["samples"] = [(p["question"], t, c, b) for p, t, c, b in zip(batch, texts, correct, breakdown)]
     return row
 
@@ -529,7 +604,10 @@ def setup(cfg: PPOConfig):
     from tokenizer import Tokenizer
     check_config(cfg)
     out = Path(cfg.out)
-    recover_dir(out)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        recover_dir(out)
+    if dist.is_initialized():
+        dist.barrier()
     if cfg.resume and not (out / "train_state.pt").exists():
         raise PPOError(f"{out}: --resume given but there is no checkpoint with train_state.pt to resume from")
     if (out / "config.json").exists() and not cfg.resume and not cfg.overwrite:
@@ -557,12 +635,16 @@ def setup(cfg: PPOConfig):
     return tok, policy, ref, critic, problems, eval_problems
 
 
-def save_critic(critic: ValueModel, d: Path):
+def save_critic(critic: ValueModel, d: Path, state: Optional[dict] = None):
+    """value_head.safetensors, and critic/ (HF layout) for a separate critic. state: the critic's
+    weights to write instead of its own (gathered from FSDP shards), keys as critic.state_dict()'s."""
     from safetensors.torch import save_file
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in critic.head.state_dict().items()},
-              str(d / "value_head.safetensors"))
+    state = critic.state_dict() if state is None else state
+    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in head.items()}, str(d / "value_head.safetensors"))
     if critic.trunk is not None:
-        critic.trunk.save_pretrained(d / "critic")
+        trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
+        critic.trunk.save_pretrained(d / "critic", state_dict=trunk)
 
 
 def load_critic(critic: ValueModel, d: str):
@@ -580,50 +662,75 @@ def load_critic(critic: ValueModel, d: str):
 
 def train(cfg: PPOConfig):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    rank, world = init_distributed(device)
+    main = rank == 0
+    say = print if main else (lambda *a, **k: None)
+    fsdp = cfg.fsdp and world > 1
     tok, policy, ref, critic, problems, eval_problems = setup(cfg)
     out = Path(cfg.out)
     policy.to(device), ref.to(device)
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device == "cuda")
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16)
+    n_params = policy.num_params()
+    # Many ranks: the policy and critic are trained through DDP / FSDP wrappers; under FSDP the frozen
+    # reference is sharded too (forward only). Rollouts and no-grad scoring call the modules directly.
+    train_policy = wrap_for_training(policy, device, cfg.fsdp, use_bf16)
+    if fsdp:
+        wrap_for_training(ref, device, True, use_bf16)
     groups = [{"params": list(policy.parameters()), "lr": cfg.lr}]
+    train_critic = None
     if critic is not None:
         critic.to(device)
+        train_critic = wrap_for_training(critic, device, cfg.fsdp, use_bf16)
         groups.append({"params": list(critic.parameters()), "lr": cfg.critic_lr})
     # Adam eps 1e-5 as in cleanrl / LHP; no weight decay: the KL penalty is the regulariser here.
     opt = torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)
+    # policy and critic under one parent, for one name-keyed (gathered) state of weights and optimizer
+    trained = nn.ModuleDict({"policy": policy, **({"critic": critic} if critic is not None else {})})
     kl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0 else FixedKLController(cfg.kl_coef)
+    if eval_problems and fsdp:
+        say("--fsdp: answer accuracy during training is skipped (sharded decoding); run eval.py on the checkpoint")
+        eval_problems = []
     step, wall = 0, 0.0
     if cfg.resume:
         st = torch.load(out / "train_state.pt", weights_only=True)
-        opt.load_state_dict(st["optimizer"])
+        load_optimizer_state(trained, opt, st["optimizer"])
         step, wall, kl.value = st["step"], st["wall_time_s"], st["kl_coef"]
-        trim_metrics(out, step)
-        print(f"resumed {out} at update {step}")
-    else:
+        if main:
+            trim_metrics(out, step)
+        say(f"resumed {out} at update {step}")
+    elif main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
     params = [p for g_ in groups for p in g_["params"]]
-    ctx = dict(policy=policy, ref=ref, critic=critic, tok=tok, opt=opt, device=device, autocast=autocast,
-               problems=problems, kl=kl, params=params)
-    print(f"policy {policy.num_params() / 1e6:.2f}M params from {cfg.init} | {len(problems)} problems | "
-          f"reward {cfg.reward} | advantage {cfg.advantage} | {cfg.steps} updates x "
-          f"{cfg.prompts_per_step * cfg.samples_per_prompt} responses | device {device}{' bf16' if use_bf16 else ''}")
-    print(json.dumps(asdict(cfg)))
+    ctx = dict(policy=policy, ref=ref, critic=critic, train_policy=train_policy, train_critic=train_critic, tok=tok,
+               opt=opt, device=device, autocast=autocast, problems=problems, kl=kl, params=params, rank=rank,
+               world=world, fsdp=fsdp)
+    say(f"policy {n_params / 1e6:.2f}M params from {cfg.init} | {len(problems)} problems | "
+        f"reward {cfg.reward} | advantage {cfg.advantage} | {cfg.steps} updates x "
+        f"{cfg.prompts_per_step * cfg.samples_per_prompt * world} responses | device {device}{' bf16' if use_bf16 else ''}"
+        f"{f' | {world} ranks, ' + ('FSDP' if fsdp else 'DDP') if world > 1 else ''}")
+    say(json.dumps(asdict(cfg)))
 
     def save():
-        buf = io.BytesIO()
-        torch.save({"optimizer": opt.state_dict(), "step": step, "wall_time_s": wall, "kl_coef": kl.value}, buf)
+        weights, optim = training_state(trained, opt)  # every rank takes part; rank 0 gets the full state
+        if main:
+            buf = io.BytesIO()
+            torch.save({"optimizer": optim, "step": step, "wall_time_s": wall, "kl_coef": kl.value}, buf)
+            part = lambda prefix: {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
-        def extra(tmp: Path):
-            tok.save(tmp)
-            (tmp / "train_state.pt").write_bytes(buf.getvalue())
-            (tmp / "ppo_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-            if critic is not None:
-                save_critic(critic, tmp)
+            def extra(tmp: Path):
+                tok.save(tmp)
+                (tmp / "train_state.pt").write_bytes(buf.getvalue())
+                (tmp / "ppo_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+                if critic is not None:
+                    save_critic(critic, tmp, part("critic."))
 
-        policy.save_pretrained(out, dtype=torch.float32, extra=extra)
+            policy.save_pretrained(out, dtype=torch.float32, extra=extra, state_dict=part("policy."))
+        if world > 1:
+            dist.barrier()
 
-    bar = tqdm(total=cfg.steps, initial=step, desc="ppo", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=cfg.steps, initial=step, desc="ppo", dynamic_ncols=True, disable=None if main else True)
     while step < cfg.steps:
         t0 = time.time()
         row = ppo_step(step, cfg, ctx)
@@ -631,26 +738,31 @@ def train(cfg: PPOConfig):
         wall += time.time() - t0
         row["wall_time_s"] = wall
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if main and (step % cfg.log_every == 0 or step == cfg.steps):
             bar.write(f"update {step}/{cfg.steps} score {row['score']:.3f} acc {row['accuracy']:.3f} "
                       f"kl {row['kl']:.3f} ent {row['entropy']:.3f} approx_kl {row['approx_kl']:.4f} "
                       f"clipfrac {row['clipfrac']:.3f} len {row['response_len']:.0f} eos {row['eos_frac']:.2f} "
                       f"tok/s {row['tok_per_s']:,.0f}")
-        if cfg.sample_every and step % cfg.sample_every == 0:
+        if main and cfg.sample_every and step % cfg.sample_every == 0:
             for q, text, ok, b in ctx["samples"][:2]:
                 bar.write(f"  Q: {q}\n  A: {text!r}\n  correct={ok} outcome={b['outcome']} bonus={b['confidence_bonus']:.3f}")
         if eval_problems and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             from eval import evaluate
-            res = evaluate(policy.eval(), tok, eval_problems, batch_size=64, max_new_tokens=cfg.max_new_tokens, progress=False)
-            row["eval_accuracy"] = res["accuracy"]
-            bar.write(f"  eval accuracy {res['accuracy']:.4f} on {len(eval_problems)} problems")
-        append_metrics(out, row)
+            mine = eval_problems[rank::world]  # each rank decodes its share
+            res = evaluate(policy.eval(), tok, mine, batch_size=64, max_new_tokens=cfg.max_new_tokens,
+                           progress=False) if mine else None
+            right = all_sum(torch.tensor([res["accuracy"] * len(mine) if res else 0.0], dtype=torch.float64, device=device))
+            row["eval_accuracy"] = round(float(right[0])) / len(eval_problems)
+            if main:
+                bar.write(f"  eval accuracy {row['eval_accuracy']:.4f} on {len(eval_problems)} problems")
+        if main:
+            append_metrics(out, row)
         if (cfg.save_every and step % cfg.save_every == 0) or step in (cfg.steps, cfg.stop_at):
             save()
         if step == cfg.stop_at:
             break
     bar.close()
-    print(f"done: {step} updates in {wall:.1f}s; checkpoint in {out}")
+    say(f"done: {step} updates in {wall:.1f}s; checkpoint in {out}")
 
 
 def parse_args(argv=None) -> PPOConfig:
@@ -664,6 +776,9 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -23,14 +23,15 @@ import os
 import random
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from tqdm import tqdm
 
-from model import CONFIGS, CheckpointError, ModelConfig, Transformer, recover_dir
+from model import CONFIGS, CheckpointError, ModelConfig, Transformer, chunked_cross_entropy, fuse_optimizer_state, recover_dir
 
 
 @dataclass
@@ -67,6 +68,7 @@ class SFTConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool = False  # torch.compile the model (CUDA)
     attn: str = "sdpa"  # attention backend: sdpa | math | triton
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP
 
 
 class DataError(ValueError):
@@ -145,6 +147,9 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) ->
 def collate(examples, idx, pad_id: int, device):
     """Right padding: causal attention never lets a real token see a pad, so no mask is needed and
     positions are 0..len-1 as in the unpadded example. Targets are the next tokens; -100 = no loss."""
+    if not idx:  # a rank with no rows in a short last batch still runs forward and backward (collectives)
+        return (torch.full((1, 1), pad_id, dtype=torch.long, device=device),
+                torch.full((1, 1), -100, dtype=torch.long, device=device))
     T = max(len(examples[i][0]) for i in idx)
     x = torch.full((len(idx), T), pad_id, dtype=torch.long)
     y = torch.full((len(idx), T), -100, dtype=torch.long)
@@ -190,7 +195,9 @@ def peak_flops(device: str) -> float:
 # Checkpoint I/O
 
 
-def save_checkpoint(out: str, model, tok, cfg: SFTConfig, state: dict):
+def save_checkpoint(out: str, model, tok, cfg: SFTConfig, state: dict, weights: dict = None):
+    """One atomic directory: HF-layout weights (`weights` if given, else the model's), tokenizer,
+    train_state.pt (optimizer, step, RNG, ...) and the config."""
     buf = io.BytesIO()
     torch.save(state, buf)
 
@@ -199,7 +206,7 @@ def save_checkpoint(out: str, model, tok, cfg: SFTConfig, state: dict):
         (tmp / "train_state.pt").write_bytes(buf.getvalue())
         (tmp / "sft_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
-    model.save_pretrained(out, dtype=torch.float32, extra=extra)
+    model.save_pretrained(out, dtype=torch.float32, extra=extra, state_dict=weights)
 
 
 def append_metrics(out: str, row: dict):
@@ -218,22 +225,127 @@ def trim_metrics(out: str, step: int):
 
 
 # -----------------------------------------------------------------------------------------------
+# Many processes: `torchrun --nproc_per_node=N sft.py ...` runs N copies of this script, one per device.
+# Every rank reads the same data and computes the same batch order; rank r takes rows r, r+N, r+2N, ...
+# of each global micro-batch, so the global batch, the step count and the learning-rate schedule do
+# not depend on N. Only rank 0 prints and writes. ppo.py uses the same helpers.
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT): NCCL between GPUs, gloo between CPU processes. (0, 1) without torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # from here on "cuda" is this rank's GPU
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of x over all ranks (a new tensor, no gradient); x itself on one process."""
+    if world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x
+
+
+def rank_rows(idx: list, rank: int, world: int) -> list:
+    """This rank's rows of a global batch: every world-th one, starting at rank."""
+    return idx[rank::world]
+
+
+def wrap_for_training(model, device: str, fsdp: bool, bf16: bool):
+    """DDP keeps a full copy per rank and averages gradients in backward. FSDP2 shards weights,
+    gradients and optimizer state over the ranks, one unit per Block plus the root (embeddings, final
+    norm, head); a unit's full weights exist only during its forward and backward. Returns the module
+    to train through; with FSDP the model itself, changed in place."""
+    if world_size() == 1:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # bf16 compute, fp32 master weights and fp32 gradient reduction
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        from model import Block
+        for block in [m for m in model.modules() if isinstance(m, Block)]:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
+
+
+@contextmanager
+def no_grad_sync(wrapped, skip: bool):
+    """Within: backward accumulates local gradients without the cross-rank reduction (gradient
+    accumulation micro-steps; the last micro-step of an optimizer step syncs the sum)."""
+    if not skip or world_size() == 1:
+        yield
+    elif hasattr(wrapped, "no_sync"):  # DDP
+        with wrapped.no_sync():
+            yield
+    else:  # FSDP2
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+
+
+def lm_head_weight(module):
+    """The output projection of a model that may be DDP-wrapped. Under FSDP the root unit (embeddings,
+    norm, head) stays gathered from its forward to its backward, so after a forward this is the full matrix."""
+    return getattr(module, "module", module).lm_head_weight
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a replicated DTensor
+
+
+def training_state(model, opt) -> tuple[dict, dict]:
+    """(weights, optimizer state) as one process holds them, keyed by parameter name. Under FSDP the
+    shards are gathered onto rank 0 (a collective: every rank calls it; the others get empty dicts),
+    so a checkpoint written by N ranks resumes under any number of ranks, one included."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, opt, state: dict):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    if state["state"] and isinstance(next(iter(state["state"])), int):  # a plain opt.state_dict() (older runs)
+        opt.load_state_dict(fuse_optimizer_state(state, opt, model))
+        return
+    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP: each rank takes its shard
+    set_optimizer_state_dict(model, opt, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True) if sharded else None)
+
+
+# -----------------------------------------------------------------------------------------------
 # Evaluation
 
 
 @torch.no_grad()
-def eval_loss(model, examples, cfg: SFTConfig, pad_id: int, device, autocast) -> float:
+def eval_loss(model, examples, cfg: SFTConfig, pad_id: int, device, autocast, rank: int = 0, world: int = 1) -> float:
+    """Mean NLL per loss token over the held-out examples (each rank scores its rows of each batch)."""
     model.eval()
-    total, count = 0.0, 0
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (NLL sum, token count)
     idx = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     for k in range(0, len(idx), cfg.batch_size):
-        x, y = collate(examples, idx[k:k + cfg.batch_size], pad_id, device)
+        x, y = collate(examples, rank_rows(idx[k:k + cfg.batch_size], rank, world), pad_id, device)
         with autocast:
-            logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
-        count += (y != -100).sum().item()
+            nll, n = chunked_cross_entropy(model(x, logits=False), lm_head_weight(model), y)
+        total[0] += nll
+        total[1] += n
     model.train()
-    return total / max(1, count)
+    total = all_sum(total)
+    return float(total[0] / total[1].clamp(min=1))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -248,7 +360,10 @@ def setup(cfg: SFTConfig):
     """Validate every input before anything is written: model, tokenizer, data."""
     from tokenizer import Tokenizer
     out = Path(cfg.out)
-    recover_dir(out)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        recover_dir(out)
+    if dist.is_initialized():
+        dist.barrier()
     has_ckpt = (out / "config.json").exists()
     if cfg.resume and not (out / "train_state.pt").exists():
         raise DataError(f"{out}: --resume given but there is no checkpoint with train_state.pt to resume from")
@@ -292,83 +407,104 @@ def setup(cfg: SFTConfig):
 
 def train(cfg: SFTConfig):
     device = resolve_device(cfg.device)
+    rank, world = init_distributed(device)
+    main = rank == 0
+    say = print if main else (lambda *a, **k: None)
     model, tok, examples, held, truncated, problems = setup(cfg)
     out = Path(cfg.out)
     model.to(device).train()
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device == "cuda")
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16)
-    fwd = torch.compile(model) if cfg.compile else model
+    n_params = model.num_params()
+    wrapped = wrap_for_training(model, device, cfg.fsdp, use_bf16)  # what forward/backward go through
+    fwd = torch.compile(wrapped) if cfg.compile else wrapped
     opt = configure_optimizer(model, cfg, device)
+    if problems and cfg.fsdp and world > 1:
+        say("--fsdp: answer accuracy during training is skipped (sharded decoding); run eval.py on the checkpoint")
+        problems = None
 
     lengths = [len(ids) for ids, _ in examples]
     micro_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    n_params = model.num_params()
-    print(f"model: {model.config.model_type} {n_params / 1e6:.2f}M params | data: {len(examples)} train, "
-          f"{len(held)} held out, {truncated} truncated to {cfg.max_len} tokens | "
-          f"{total} steps x {cfg.batch_size * cfg.grad_accum} examples | device {device}"
-          f"{' bf16' if use_bf16 else ''}")
-    print(json.dumps(asdict(cfg)))
+    say(f"model: {model.config.model_type} {n_params / 1e6:.2f}M params | data: {len(examples)} train, "
+        f"{len(held)} held out, {truncated} truncated to {cfg.max_len} tokens | "
+        f"{total} steps x {cfg.batch_size * cfg.grad_accum} examples | device {device}"
+        f"{' bf16' if use_bf16 else ''}{f' | {world} ranks, ' + ('FSDP' if cfg.fsdp else 'DDP') if world > 1 else ''}")
+    say(json.dumps(asdict(cfg)))
 
     step, wall = 0, 0.0
     torch.manual_seed(cfg.seed)
     if cfg.resume:
         st = torch.load(out / "train_state.pt", weights_only=True)
-        opt.load_state_dict(st["optimizer"])
+        load_optimizer_state(model, opt, st["optimizer"])
         step, wall = st["step"], st["wall_time_s"]
         torch.set_rng_state(st["rng"])
-        trim_metrics(out, step)
-        print(f"resumed {out} at step {step}")
+        if main:
+            trim_metrics(out, step)
+        say(f"resumed {out} at step {step}")
 
-    def state():
-        return {"optimizer": opt.state_dict(), "step": step, "wall_time_s": wall, "rng": torch.get_rng_state()}
+    def save():
+        weights, optim = training_state(model, opt)  # every rank takes part; rank 0 gets the full state
+        if main:
+            state = {"optimizer": optim, "step": step, "wall_time_s": wall, "rng": torch.get_rng_state()}
+            save_checkpoint(out, model, tok, cfg, state, weights)
+        if world > 1:
+            dist.barrier()  # nobody runs ahead (or exits) before the checkpoint is complete
 
-    if not cfg.resume:
+    if not cfg.resume and main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
     def evaluate_now():
-        row = {"step": step, "eval_loss": eval_loss(fwd, held, cfg, tok.pad_id, device, autocast) if held else None}
-        if problems:
+        row = {"step": step, "eval_loss": eval_loss(fwd, held, cfg, tok.pad_id, device, autocast, rank, world)
+               if held else None}
+        if problems:  # each rank decodes its share of the problems
             from eval import evaluate
+            mine = problems[rank::world]
             model.eval()
-            res = evaluate(model, tok, problems, batch_size=64, max_new_tokens=cfg.max_len, progress=False)
+            res = evaluate(model, tok, mine, batch_size=64, max_new_tokens=cfg.max_len, progress=False) if mine else None
             model.train()
-            row["eval_accuracy"] = res["accuracy"]
+            right = all_sum(torch.tensor([res["accuracy"] * len(mine) if res else 0.0], device=device, dtype=torch.float64))
+            row["eval_accuracy"] = round(float(right[0])) / len(problems)
         return row
 
     flops_tok, peak = flops_per_token(model.config, n_params, cfg.max_len), peak_flops(device)
-    bar = tqdm(total=total, initial=step, desc="sft", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total, initial=step, desc="sft", dynamic_ncols=True, disable=None if main else True)
     t_log, tok_log = time.time(), 0
     epoch, batches = -1, None
     while step < total:
         t0 = time.time()
-        # 1. The micro-batches of this optimizer step, at a position that is a pure function of step.
+        # 1. The micro-batches of this optimizer step, at a position that is a pure function of step;
+        #    this rank's rows of each.
         micro = []
         for m in range(cfg.grad_accum):
             g = step * cfg.grad_accum + m
             if g // micro_per_epoch != epoch:
                 epoch = g // micro_per_epoch
                 batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)
-            micro.append(collate(examples, batches[g % micro_per_epoch], tok.pad_id, device))
-        n_tgt = sum(int((y != -100).sum()) for _, y in micro)  # token-level mean over the whole step
-        # 2. Forward / backward, loss = mean NLL over the step's loss tokens.
+            micro.append(collate(examples, rank_rows(batches[g % micro_per_epoch], rank, world), tok.pad_id, device))
+        # token-level mean over the whole step, on every rank
+        n_tgt = all_sum(sum((y != -100).sum() for _, y in micro))
+        # 2. Forward / backward, loss = mean NLL over the step's loss tokens. Each rank's loss is its
+        #    share of that mean (its tokens' NLL sum / all ranks' token count); DDP and FSDP average
+        #    gradients over ranks, so the share is scaled by world to make the average their sum.
         lr = lr_at(step, cfg, total)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
-        for x, y in micro:
-            with autocast:
-                logits = fwd(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum") / n_tgt
-            loss.backward()
-            loss_sum += loss.item()
+        loss_sum = torch.zeros((), device=device)
+        for m, (x, y) in enumerate(micro):
+            with no_grad_sync(wrapped, skip=m < len(micro) - 1), autocast:
+                hidden = fwd(x, logits=False)  # (B, T, d): the (B, T, V) logits exist one chunk at a time
+                loss = chunked_cross_entropy(hidden, model.lm_head_weight, y)[0] / n_tgt
+                (loss * world).backward()
+            loss_sum += loss.detach()
             tok_log += x.numel()
+        loss_sum = float(all_sum(loss_sum))
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"loss is {loss_sum} at step {step}; stopped, the last checkpoint in {out} is intact")
         # 3. Clip and step.
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+        gnorm = clip_grad_norm(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -378,26 +514,27 @@ def train(cfg: SFTConfig):
         row = None
         if step % cfg.log_every == 0 or step == total:
             dt = time.time() - t_log
-            tps = tok_log / max(dt, 1e-9)
+            tps = float(all_sum(torch.tensor(float(tok_log), device=device))) / max(dt, 1e-9)  # all ranks
             row = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tok_per_s": tps, "wall_time_s": wall}
             msg = f"step {step}/{total} loss {loss_sum:.4f} lr {lr:.2e} gnorm {gnorm:.2f} tok/s {tps:,.0f}"
             if peak:
-                row["mfu"] = tps * flops_tok / peak
+                row["mfu"] = tps * flops_tok / (peak * world)
                 msg += f" mfu {100 * row['mfu']:.1f}%"
-            bar.write(msg)
+            bar.write(msg) if main else None
             t_log, tok_log = time.time(), 0
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
             ev = evaluate_now()
-            bar.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()))
+            if main:
+                bar.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()))
             row = {**(row or {"step": step, "wall_time_s": wall}), **ev}
-        if row:
+        if row and main:
             append_metrics(out, row)
         if (cfg.save_every and step % cfg.save_every == 0) or step in (total, cfg.stop_at):
-            save_checkpoint(out, model, tok, cfg, state())
+            save()
         if step == cfg.stop_at:
             break
     bar.close()
-    print(f"done: {step} steps in {wall:.1f}s of training; checkpoint in {out}")
+    say(f"done: {step} steps in {wall:.1f}s of training; checkpoint in {out}")
     return model
 
 
@@ -428,6 +565,9 @@ def main(argv=None):
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -217,7 +217,7 @@ def test_model_forward_and_backward_match_math_backend():
     for m in (ref, ours):
         logits = m(ids, attention_mask=am)
         (logits * real).square().mean().backward()
-        outs.append((logits, m.model.layers[0].self_attn.q_proj.weight.grad, m.model.embed_tokens.weight.grad))
+        outs.append((logits, m.model.layers[0].self_attn.qkv_proj.weight.grad, m.model.embed_tokens.weight.grad))
     torch.testing.assert_close(outs[1][0] * real, outs[0][0] * real, atol=1e-4, rtol=1e-4)
     for a, b in zip(outs[1][1:], outs[0][1:]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

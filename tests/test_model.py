@@ -106,13 +106,14 @@ def test_hf_to_ours(tmp_path):
 def test_greedy_generate_matches_transformers(tmp_path):
     ours, hf = ours_and_hf(tmp_path, "llama", dict(heads=4, kv=2, tied=False), seed=11)
     prompts = [[5, 9, 13, 2, 40], [7, 3], [11, 12, 13, 14, 15, 16, 17]]
-    g = generate(ours, prompts, max_new_tokens=10, temperature=0.0, pad_id=0)
     ids, mask = M.left_pad(prompts, 0)
     hf.generation_config.pad_token_id = 0
     ref = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
                       eos_token_id=None)[:, ids.shape[1]:]
-    assert torch.equal(g.tokens, ref)
-    assert g.mask.all() and not g.finished.any()
+    for static in (False, True):  # the cache sliced to the current length, and decode_step over the whole cache
+        g = generate(ours, prompts, max_new_tokens=10, temperature=0.0, pad_id=0, static=static)
+        assert torch.equal(g.tokens, ref)
+        assert g.mask.all() and not g.finished.any()
 
 
 def test_kv_cache_decoding_equals_full_forward_and_logprobs_recompute():

@@ -62,7 +62,8 @@ def test_reward_rises_on_toy_task(sft_ckpt, tmp_path, reward, advantage):
     ppo.train(toy_cfg(sft_ckpt, tmp_path / "ppo", **kw))
     rows = metrics(tmp_path / "ppo")
     first = rows[0]["accuracy"]  # the first rollout is sampled before any update: the SFT policy
-    last = sum(r["accuracy"] for r in rows[-4:]) / 4
+    # the second half's mean: one or two late dips of a 16-prompt toy batch are noise, not a regression
+    last = sum(r["accuracy"] for r in rows[len(rows) // 2:]) / (len(rows) - len(rows) // 2)
     assert 0.25 < first < 0.75, rows[0]  # about a coin flip
     assert last > first + 0.2, [r["accuracy"] for r in rows]
     for r in rows:

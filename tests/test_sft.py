@@ -118,8 +118,9 @@ def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path, tokdir, where)
             def dying_extra(*a, **k):
                 os.kill(os.getpid(), signal.SIGKILL)
             orig = model.Transformer.save_pretrained
-            def save(self, path, dtype=None, max_shard_bytes=4 << 30, extra=None):
-                return orig(self, path, dtype, max_shard_bytes, extra=lambda tmp: (extra(tmp), dying_extra()))
+            def save(self, path, dtype=None, max_shard_bytes=4 << 30, extra=None, state_dict=None):
+                return orig(self, path, dtype, max_shard_bytes, extra=lambda tmp: (extra(tmp), dying_extra()),
+                            state_dict=state_dict)
             model.Transformer.save_pretrained = save
         else:
             real_replace = os.replace
@@ -177,15 +178,15 @@ def test_bad_inputs_one_line_exit_2(tmp_path, tokdir):
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tokdir, monkeypatch):
     sft.train(cfg_of(**base_args(tmp_path, tokdir, max_steps=2)))
     before = (tmp_path / "out" / "model.safetensors").read_bytes()
-    real = sft.F.cross_entropy
+    real = sft.chunked_cross_entropy
     calls = {"n": 0}
 
     def poisoned(*a, **k):
         calls["n"] += 1
-        out = real(*a, **k)
-        return out * float("nan") if calls["n"] >= 3 else out
+        nll, n = real(*a, **k)
+        return (nll * float("nan") if calls["n"] >= 3 else nll), n
 
-    monkeypatch.setattr(sft.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(sft, "chunked_cross_entropy", poisoned)
     with pytest.raises(FloatingPointError, match="loss is nan at step 2"):
         sft.train(cfg_of(**base_args(tmp_path, tokdir, max_steps=6, save_every=1, overwrite=True)))
     # Two good steps were saved; the NaN step wrote nothing. (Within the warmup the schedule does not

@@ -1,0 +1,262 @@
+"""The fast paths of model.py against their plain forms: fused projections and the HF layout, the
+static-shape decode step, the chunked losses; and bench.py --small end to end."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+from model import (ModelConfig, Transformer, chunked_cross_entropy, chunked_token_logprobs, decode_step, generate,
+                   hf_to_ours, ours_to_hf)
+
+ROOT = M.Path(M.__file__).resolve().parent
+
+
+def tiny(model_type="llama", tied=True, **kw):
+    base = dict(model_type=model_type, vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def randomize(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
+    return model
+
+
+def rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused projections <-> the HF layout
+
+
+@pytest.mark.parametrize("mtype,kw", [("llama", {}), ("qwen2", dict(tied=False)), ("qwen3", dict(head_dim=16)),
+                                      ("llama", dict(attention_bias=True, mlp_bias=True, num_key_value_heads=1))])
+def test_hf_layout_round_trip(mtype, kw):
+    transformers = pytest.importorskip("transformers")
+    m = randomize(Transformer(tiny(mtype, **kw)), 1)
+    hf_state = ours_to_hf(m.state_dict(), m.config)
+    d = m.config.to_hf()
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(d.pop("model_type"), **d))
+    assert set(hf_state) == set(hf.state_dict())  # exactly HF's names
+    assert all(hf_state[k].shape == v.shape for k, v in hf.state_dict().items())
+    back = hf_to_ours(hf_state)
+    assert set(back) == set(m.state_dict())
+    for k, v in m.state_dict().items():
+        assert torch.equal(back[k], v), k
+    a = m.model.layers[0].self_attn
+    q_rows = a.H * a.D
+    assert torch.equal(hf_state["model.layers.0.self_attn.q_proj.weight"], a.qkv_proj.weight[:q_rows])
+    assert torch.equal(hf_state["model.layers.0.mlp.up_proj.weight"],
+                       m.model.layers[0].mlp.gate_up_proj.weight[m.config.intermediate_size:])
+
+
+def test_optimizer_state_saved_unfused_loads_fused():
+    """AdamW over the HF-layout parameters, stepped with the split gradients, is the same optimizer as AdamW
+    over the fused ones: its state, converted, equals the fused optimizer's."""
+    m = randomize(Transformer(tiny("qwen2", tied=False)), 7)
+    named = dict(m.named_parameters())
+    split = {k: torch.nn.Parameter(v.detach().clone()) for k, v in ours_to_hf(named, m.config).items()}
+
+    def adamw(params):
+        params = list(params)
+        return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=1e-2)
+
+    opt, opt_split = adamw(m.parameters()), adamw(split.values())
+    for step in range(2):
+        grads = {k: rand(*v.shape, seed=100 * step + i) for i, (k, v) in enumerate(named.items())}
+        for k, p in named.items():
+            p.grad = grads[k]
+        for k, g in ours_to_hf(grads, m.config).items():
+            split[k].grad = g.clone()
+        opt.step(), opt_split.step()
+    fresh = adamw(m.parameters())
+    fresh.load_state_dict(M.fuse_optimizer_state(opt_split.state_dict(), fresh, m))
+    want, got = opt.state_dict(), fresh.state_dict()
+    assert M.fuse_optimizer_state(want, fresh, m) is want  # already fused: unchanged
+    assert want["param_groups"] == got["param_groups"]
+    for i, s in want["state"].items():
+        for k, v in s.items():
+            torch.testing.assert_close(got["state"][i][k], v, atol=1e-7, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The static-shape decode step: the full cache with a mask gives what the sliced cache gave
+
+
+@pytest.mark.parametrize("mtype,kw", [("llama", dict(tied=False)), ("qwen3", dict(head_dim=16)), ("qwen2", {})])
+def test_full_cache_decode_equals_sliced(mtype, kw):
+    m = randomize(Transformer(tiny(mtype, **kw)), 3).eval()
+    prompts = [[5, 9, 13, 2, 40, 7], [7, 3], [11, 12, 13, 14]]
+    sliced = generate(m, prompts, 14, temperature=0.0, static=False)
+    full = generate(m, prompts, 14, temperature=0.0, static=True)
+    assert torch.equal(full.tokens, sliced.tokens)
+    torch.testing.assert_close(full.logprobs, sliced.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full.entropies, sliced.entropies, atol=1e-5, rtol=1e-5)
+    assert m.caches is None
+    g = torch.Generator().manual_seed(8)
+    sampled = [generate(m, prompts, 14, temperature=0.8, stop_ids={3}, static=s, generator=g.manual_seed(8))
+               for s in (False, True)]
+    assert torch.equal(sampled[0].tokens, sampled[1].tokens) and torch.equal(sampled[0].mask, sampled[1].mask)
+    again = generate(m, prompts, 14, temperature=0.0, compile=True)  # ignored on the CPU
+    assert torch.equal(again.tokens, sliced.tokens)
+
+
+def test_decode_step_traces_as_one_graph():
+    """decode_step compiles with fullgraph=True (no graph break, no data-dependent shape) and, compiled,
+    writes the cache and returns the eager step's logits. aot_eager: the graph without inductor's codegen."""
+    torch._dynamo.reset()
+    m = randomize(Transformer(tiny("qwen3", head_dim=16)), 4).eval()
+    prompts = [[5, 9, 13, 2], [7, 3]]
+    ids, pmask = M.left_pad(prompts, 0)
+    B, P, S = 2, 4, 12
+    key_mask = torch.cat([pmask.bool(), torch.ones(B, S - P, dtype=torch.bool)], 1)
+    pos = (pmask.cumsum(-1) - 1).clamp(min=0)
+    step = torch.compile(decode_step, backend="aot_eager", fullgraph=True)
+    outs = {}
+    with torch.no_grad():
+        for name, fn in (("eager", decode_step), ("compiled", step)):
+            m.setup_cache(B, S)
+            first = m(ids, position_ids=pos, cache_start=0, key_mask=key_mask[:, :P], last_only=True)[:, -1]
+            tok, nxt, slot, seq = first.argmax(-1), pos[:, -1:] + 1, torch.tensor(P), []
+            for _ in range(5):
+                logits = fn(m, tok[:, None], nxt, slot, key_mask)
+                assert logits.shape == (B, m.config.vocab_size) and logits.dtype == torch.float32
+                seq.append(logits)
+                tok, nxt, slot = logits.argmax(-1), nxt + 1, slot + 1
+            outs[name] = (torch.stack(seq, 1), m.caches[1].k.clone())
+    torch.testing.assert_close(outs["compiled"][0], outs["eager"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["compiled"][1], outs["eager"][1], atol=1e-6, rtol=1e-6)
+    assert outs["eager"][1][:, :, P + 5:].abs().sum() == 0  # slots past the last step were never written
+    torch._dynamo.reset()
+
+
+def test_setup_cache_reuses_and_clears_buffers():
+    m = Transformer(tiny())
+    m.setup_cache(2, 16)
+    k = m.caches[0].k
+    k.fill_(3.0)
+    m.setup_cache(2, 16)
+    assert m.caches[0].k is k and k.abs().sum() == 0
+    m.setup_cache(3, 16)
+    assert m.caches[0].k is not k and m.caches[0].k.shape[0] == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Chunked losses: equal to the full-logits forms, values and gradients
+
+
+def test_chunked_cross_entropy_matches_full_logits():
+    B, T, d, V = 3, 37, 48, 101
+    hidden = rand(B, T, d, seed=10).requires_grad_()
+    weight = (rand(V, d, seed=11) * 0.3).requires_grad_()
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(12))
+    targets[0, :20] = -100  # ignored rows, one whole 16-row chunk among them
+    targets[2, 5] = -100
+    total, count = chunked_cross_entropy(hidden, weight, targets, chunk_rows=16)
+    assert total.dtype == torch.float32 and total.dim() == 0 and count.item() == (targets != -100).sum().item()
+    loss = total / count
+    gh, gw = torch.autograd.grad(loss, (hidden, weight))
+
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = F.cross_entropy((h2 @ w2.T).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    rh, rw = torch.autograd.grad(ref, (h2, w2))
+    assert abs(loss.item() - ref.item()) <= 1e-5
+    torch.testing.assert_close(gh, rh, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-5)
+    assert gh[0, :20].abs().sum() == 0  # ignored rows get no gradient
+
+
+def test_chunked_token_logprobs_and_entropy_match_log_softmax():
+    B, T, d, V = 2, 29, 40, 97
+    hidden = rand(B, T, d, seed=20).requires_grad_()
+    weight = (rand(V, d, seed=21) * 0.3).requires_grad_()
+    tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(22))
+    temp = 0.7
+    lp, ent = chunked_token_logprobs(hidden, weight, tokens, temperature=temp, chunk_rows=10, entropy=True)
+    assert lp.shape == ent.shape == (B, T) and lp.dtype == ent.dtype == torch.float32
+    c1, c2 = rand(B, T, seed=23), rand(B, T, seed=24)
+    gh, gw = torch.autograd.grad((lp * c1).sum() + (ent * c2).sum(), (hidden, weight))
+
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    logp = torch.log_softmax((h2 @ w2.T) / temp, -1)
+    ref_lp = logp.gather(-1, tokens[..., None]).squeeze(-1)
+    ref_ent = -(logp.exp() * logp).sum(-1)
+    rh, rw = torch.autograd.grad((ref_lp * c1).sum() + (ref_ent * c2).sum(), (h2, w2))
+    torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gh, rh, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-5)
+    only = chunked_token_logprobs(hidden, weight, tokens, temperature=temp, chunk_rows=1000)
+    torch.testing.assert_close(only, lp.detach(), atol=1e-6, rtol=1e-6)  # one chunk: the same numbers
+
+
+def test_model_hidden_only_forward_and_chunked_loss_equal_full_logits_loss():
+    for tied in (True, False):
+        m = randomize(Transformer(tiny(tied=tied)), 5)
+        assert (m.lm_head_weight is m.model.embed_tokens.weight) == tied
+        ids = torch.randint(0, 101, (2, 19), generator=torch.Generator().manual_seed(6))
+        am = torch.ones_like(ids)
+        am[1, :4] = 0
+        logits, h = m(ids, attention_mask=am, return_hidden=True)
+        h_only = m(ids, attention_mask=am, logits=False)
+        torch.testing.assert_close(h_only, h, atol=0, rtol=0)
+        targets = ids[:, 1:].masked_fill(am[:, 1:] == 0, -100)
+        ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
+        ref_grads = torch.autograd.grad(ref, list(m.parameters()))
+        total, n = chunked_cross_entropy(h_only[:, :-1], m.lm_head_weight, targets, chunk_rows=8)
+        grads = torch.autograd.grad(total / n, list(m.parameters()))
+        assert abs((total / n).item() - ref.item()) <= 1e-5
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_losses_under_bf16_autocast():
+    """Logits in bf16 (autocast), the log-sum-exp in fp32: close to the fp32 result, fp32 outputs."""
+    B, T, d, V = 2, 16, 32, 64
+    hidden, weight = rand(B, T, d, seed=30), rand(V, d, seed=31) * 0.3
+    tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, n = chunked_cross_entropy(hidden, weight, tokens, chunk_rows=8)
+        lp = chunked_token_logprobs(hidden, weight, tokens, chunk_rows=8)
+    assert total.dtype == lp.dtype == torch.float32
+    ref = F.cross_entropy((hidden @ weight.T).flatten(0, 1), tokens.flatten(), reduction="sum")
+    assert abs(total.item() - ref.item()) / ref.item() < 2e-2
+    torch.testing.assert_close(lp.sum() / n, -ref / n, atol=5e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# bench.py --small: every section, tables with finite ratios
+
+
+def test_bench_small_runs_every_section(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # test_attention sets it
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--small", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    text = r.stdout
+    for n in (1, 2, 3, 4):
+        assert re.search(rf"^### {n}\. ", text, re.M), text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| figure")]
+    ratios = [line.split("|")[4].strip() for line in rows]
+    numeric = [float(x.rstrip("x")) for x in ratios if x.endswith("x")]
+    assert len(numeric) >= 6 and all(math.isfinite(x) and x > 0 for x in numeric), ratios
+    assert "error" not in text.lower(), text
+    saved = json.loads(out.read_text())
+    assert [s["section"] for s in saved["sections"]] == [1, 2, 3, 4]
+    assert saved["markdown"].count("| figure") == 4
