@@ -4,6 +4,7 @@
 #   make base        rebuild the shipped base model (GPU: minutes; CPU: hours, resumable)
 #   make reproduce   the paper's table: 5 methods x 3 seeds on the embedded world
 #   make bench       our model vs HF transformers, same run
+#   make bench-gpu   on a CUDA machine (no install step): the attention kernel check + the GPU benchmark
 
 PY ?= python
 SEEDS ?= 0 1 2
@@ -25,7 +26,7 @@ REPRO_SFT ?= $(DEMO_SFT)
 REPRO_PPO ?= $(DEMO_PPO)
 REPRO_EVAL ?= --limit 200 --max-new-tokens 512
 
-.PHONY: install test data base base-resume demo reproduce bench
+.PHONY: install test data base base-resume demo reproduce bench bench-gpu
 
 install:
 	$(PY) -m pip install -q -r requirements-dev.txt
@@ -71,3 +72,10 @@ reproduce: install data
 
 bench: install
 	$(PY) bench.py
+
+# Writes its tables to $(BENCH_OUT); exits 1 if a correctness check fails (see docs/PERFORMANCE.md).
+BENCH_OUT ?= out/bench
+bench-gpu:
+	mkdir -p $(BENCH_OUT)
+	$(PY) attention.py --bench > $(BENCH_OUT)/attention.txt 2>&1; a=$$?; cat $(BENCH_OUT)/attention.txt; \
+	$(PY) bench.py --device cuda --out $(BENCH_OUT)/bench.md; b=$$?; test $$a = 0 && test $$b = 0
