@@ -57,7 +57,7 @@ def assert_same_weights(a, b):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Seven prompt/completion pairs, their problems, a tokenizer and a random tiny model."""
+    """Seven prompt/completion pairs, their problems, a tokenizer and a random tiny model (PPO's init)."""
     d = tmp_path_factory.mktemp("dist")
     q = lambda a, b: f"Tom has {a} red apples and {b} green apples. How many apples does he have?"
     pairs = [{"prompt": f"Question: {q(a, b)}\n", "completion": f"{a} + {b} = {a + b}.\nThe answer is {a + b}."}
@@ -69,7 +69,9 @@ def world(tmp_path_factory):
     tok = train_bpe([p["prompt"] + p["completion"] for p in pairs] * 4 + ["so x = 1.\nThe answer is 2."], 300)
     tok.save(d / "tok")
     torch.manual_seed(0)
-    mc = dict(CONFIGS["tiny"], vocab_size=320, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    # untied head (the SFT test's scratch model is tied): the head is used outside the wrapped forward
+    mc = dict(CONFIGS["tiny"], vocab_size=320, tie_word_embeddings=False, bos_token_id=tok.bos_id,
+              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     Transformer(ModelConfig(**mc)).save_pretrained(d / "init", extra=tok.save)
     return d
 

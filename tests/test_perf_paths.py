@@ -16,22 +16,9 @@ import model as M
 from model import (ModelConfig, Transformer, chunked_cross_entropy, chunked_token_logprobs, decode_step, generate,
                    hf_to_ours, ours_to_hf)
 
+from test_model import randomize, tiny  # the same random tiny configs as the model tests
+
 ROOT = M.Path(M.__file__).resolve().parent
-
-
-def tiny(model_type="llama", tied=True, **kw):
-    base = dict(model_type=model_type, vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied)
-    base.update(kw)
-    return ModelConfig(**base)
-
-
-def randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
-    return model
 
 
 def rand(*shape, seed):
