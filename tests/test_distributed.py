@@ -137,10 +137,11 @@ def test_ppo_two_processes_equal_one_fed_the_same_rollouts(world, tmp_path):
 
 def test_ppo_fsdp_rollouts_and_resume_under_one_process(world, tmp_path):
     """Real sampling under FSDP (every rank decodes until all ranks are done), a separate critic sharded
-    too, then the gathered checkpoint continues under 1 process."""
+    too, bf16 (FSDP's mixed-precision policy + autocast, as on a GPU), then the gathered checkpoint
+    continues under 1 process."""
     args = flags(init=world / "init", problems=world / "problems.jsonl", eval_problems="", out=tmp_path / "o",
                  steps=2, prompts_per_step=3, minibatch_size=3, max_new_tokens=12, critic="separate",
-                 sample_every=0, save_every=0)
+                 dtype="bfloat16", sample_every=0, save_every=0)
     torchrun(ROOT / "ppo.py", *args, "--stop-at", 1, "--fsdp", cwd=tmp_path)
     for f in ["config.json", "model.safetensors", "value_head.safetensors", "critic/model.safetensors", "train_state.pt"]:
         assert (tmp_path / "o" / f).exists(), f
