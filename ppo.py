@@ -5,6 +5,7 @@ PPO for a language-model policy: the CCRL stage of the paper (§3.2), and the pl
     python ppo.py --init ckpt/cot --reward outcome --out ckpt/cot_ppo    # the CoT-SFT + PPO baseline
     python ppo.py --advantage grpo --samples-per-prompt 4  # critic-free group baselines instead of GAE
     python ppo.py --resume                                 # continue a stopped run exactly
+    torchrun --standalone --nproc_per_node=8 ppo.py --fsdp # many GPUs: each rank its own rollouts
 
 One update, as the numbered steps of `ppo_step` read:
   1. take the next prompts_per_step problems (x samples_per_prompt),
@@ -529,23 +530,23 @@ def ppo_step(step: int, cfg: PPOConfig, ctx) -> dict:
             break
     t_update = time.time() - t1
 
-    # 7. Metrics over all ranks' rows (glossary in README.md): sums of per-row and per-token quantities
-    #    reduced in one call, then divided.
+    # 7. Adapt the KL coefficient to the measured KL per sequence. It and every metric below come from
+    #    sums over all ranks' rows and tokens, reduced in one call.
     f64 = lambda xs: torch.tensor([float(x) for x in xs], dtype=torch.float64, device=device)
-    n_comp = sum(b["n_computed"] for b in breakdown)
     totals = all_sum(torch.cat([f64([
         len(batch), sum(b["outcome"] for b in breakdown), sum(c is True for c in correct),
-        sum(b["confidence_bonus"] for b in breakdown), n_comp, sum(b["n_correct"] for b in breakdown),
+        sum(b["confidence_bonus"] for b in breakdown), sum(b["n_computed"] for b in breakdown),
+        sum(b["n_correct"] for b in breakdown),
         g.finished.sum(), mask.sum()]),
         torch.stack([(rewards * mask).sum(), (kl * mask).sum(), (kl_penalty(old_logp, ref_logp, "k3") * mask).sum(),
                      torch.where(mask.bool(), g.entropies, 0.0).sum(),
                      torch.where(mask.bool(), (g.logprobs - old_logp).abs(), 0.0).sum()]).double()]))
     rows, outcome, right, bonus, computed, computed_right, eos, n_tok, rew, kl_sum, k3, ent, gap = totals.tolist()
 
-    # 8. Adapt the KL coefficient to the measured KL per sequence.
     kl_seq = kl_sum / rows
     ctx["kl"].update(kl_seq, int(rows))
 
+    # 8. Metrics (glossary in README.md).
     mean = lambda key: sum(s[key] for s in stats) / len(stats)
     row = {
         "step": step + 1,

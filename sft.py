@@ -6,6 +6,7 @@ different data.
     python sft.py --data data/cot.jsonl --out ckpt/cot                # the CoT-SFT baseline
     python sft.py --data data/pretrain.jsonl --init scratch --tokenizer base --out base   # base stage
     python sft.py --data data/comt.jsonl --out ckpt/comt --resume     # continue a killed run exactly
+    torchrun --standalone --nproc_per_node=8 sft.py --init MODEL_DIR --data comt.jsonl --fsdp   # many GPUs
 
 Data lines (jsonl), one of:
   {"prompt", "completion"[, "eos": false]}  loss on the completion (and its EOS unless eos is false)
@@ -520,7 +521,8 @@ def train(cfg: SFTConfig):
             if peak:
                 row["mfu"] = tps * flops_tok / (peak * world)
                 msg += f" mfu {100 * row['mfu']:.1f}%"
-            bar.write(msg) if main else None
+            if main:
+                bar.write(msg)
             t_log, tok_log = time.time(), 0
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
             ev = evaluate_now()
