@@ -21,6 +21,8 @@ What it writes
   data/pretrain.jsonl         the base corpus, {"text"}: Question/Plan/Execution and Question/CoT documents
                               of 6 base families DISJOINT from the task families, binding exercises
                               ("Given: ...", a plan of formulas, its execution), arithmetic drills, stories
+                              (a question and its facts, no solution; two thirds from the world's task and
+                              novel families, none of them a split's question, so the base knows their words)
   data/pretrain_test.jsonl    held-out base-family problems, to measure the base skills
   data/cot.jsonl, comt.jsonl  the programmatic teacher's SFT pairs for train (data.py)
 World problems are problems (data.py) with family, template, steps, entities and program (the
@@ -312,8 +314,23 @@ def binding_doc(rng, cfg):
             + program_execution(prog))
 
 
+def story_doc(rng, question: str, prog: dict) -> str:
+    facts = [f"{cap(d)} is {val}." for _, val, d in prog["givens"]]
+    rng.shuffle(facts)
+    return f"Story: {question}\nFacts:\n" + "\n".join(facts)
+
+
+def world_story(rng, cfg: WorldConfig):
+    """A question of a task or novel family read as a story: the words a pretrained student knows, with
+    no plan, solution or answer. Both name and object pools, so ood_symbolic's names are not new words."""
+    fams = {**TASK_FAMILIES, **NOVEL_FAMILIES}
+    q, g, _ = sample(fams[rng.choice(sorted(fams))], rng, limit=cfg.max_value, **_ALL)
+    return q, g.program()
+
+
 def pretrain_corpus(cfg: WorldConfig, exclude=()):
-    """The base corpus: {"text"} documents of five kinds. Returns (texts, counts per kind)."""
+    """The base corpus: {"text"} documents of five kinds. Returns (texts, counts per kind). No question
+    in exclude (the splits' and the held-out base problems') appears."""
     rng = random.Random(f"{cfg.seed}/pretrain")
     kinds = {"plan": 0.35, "cot": 0.2, "binding": 0.2, "drill": 0.15, "story": 0.1}
     texts, counts, exclude = [], dict.fromkeys(kinds, 0), set(exclude)
@@ -323,6 +340,11 @@ def pretrain_corpus(cfg: WorldConfig, exclude=()):
             text = drill_doc(rng, cfg)
         elif kind == "binding":
             text = binding_doc(rng, cfg)
+        elif kind == "story" and rng.random() < 2 / 3:
+            q, prog = world_story(rng, cfg)
+            if q in exclude:
+                continue
+            text = story_doc(rng, q, prog)
         else:
             p = base_problem(rng, cfg)
             if p["question"] in exclude:
@@ -333,9 +355,7 @@ def pretrain_corpus(cfg: WorldConfig, exclude=()):
             elif kind == "cot":
                 text = f"Question: {p['question']}\n{program_solution(prog, annotate=False)}"
             else:
-                facts = [f"{cap(d)} is {val}." for _, val, d in prog["givens"]]
-                rng.shuffle(facts)
-                text = f"Story: {p['question']}\nFacts:\n" + "\n".join(facts)
+                text = story_doc(rng, p["question"], prog)
         texts.append(text)
         counts[kind] += 1
     return texts, counts
@@ -376,7 +396,7 @@ def build_world(cfg: WorldConfig) -> dict:
         if p["question"] not in asked:
             held.append(p)
             asked.add(p["question"])
-    texts, kinds = pretrain_corpus(cfg, exclude={p["question"] for p in held})
+    texts, kinds = pretrain_corpus(cfg, exclude={p["question"] for rows in splits.values() for p in rows} | asked)
     cot = [data.sft_pair(p, data.programmatic_teacher(p, "cot"), "cot") for p in splits["train"]]
     comt = [data.sft_pair(p, data.programmatic_teacher(p, "comt"), "comt") for p in splits["train"]]
     for name, rows in splits.items():

@@ -147,9 +147,15 @@ def test_base_corpus(world):
     assert len(plan) + len(cot) + len(drills) + len(kinds["binding"]) + len(kinds["story"]) == len(texts)
     task_q = {p["question"] for rows in world["splits"].values() for p in rows}
     held = {p["question"] for p in world["pretrain_test"]}
-    for t in kinds["plan"]:
-        q = t.split("\n")[0].removeprefix("Question: ")
+    for t in kinds["plan"] + kinds["story"]:
+        q = t.split("\n")[0].removeprefix("Question: ").removeprefix("Story: ")
         assert q not in task_q and q not in held
+    # stories carry the task families' words (the base must know them), never a solution or an answer
+    task_words = {w for rows in world["splits"].values() for p in rows for w in re.findall(r"[a-z]+", p["question"])}
+    base_words = {w for t in texts if not t.startswith("Story:") for w in re.findall(r"[a-z]+", t)}
+    story_words = {w for t in kinds["story"] for w in re.findall(r"[a-z]+", t)}
+    assert len((task_words - base_words) & story_words) > 0.4 * len(task_words - base_words)  # 600 docs here
+    assert not any("Plan:" in t or "The answer is" in t for t in kinds["story"])
     n_lines = 0
     for t in plan + kinds["binding"] + drills:                                  # every written computation is right
         for line in t.splitlines():
