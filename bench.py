@@ -28,7 +28,6 @@ prints its error and the run goes on; cells that would overrun --time-budget are
 status is 1 when a correctness check fails.
 """
 
-import argparse
 import gc
 import json
 import statistics
@@ -666,15 +665,12 @@ def run_sections(cfg: BenchConfig, device: str) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for k, v in BenchConfig.__dataclass_fields__.items():
-        if v.type is bool or v.type == "bool":
-            ap.add_argument("--" + k.replace("_", "-"), action="store_true")
-        else:
-            ap.add_argument("--" + k.replace("_", "-"), type=type(v.default), default=v.default)
-    args = ap.parse_args(argv)
-    cfg = BenchConfig(**vars(args))
+    from sft import parse_config
+    cfg = parse_config(BenchConfig, __doc__, argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA device here; on a CPU use --small or no --device", file=sys.stderr)
+        return 2
     if cfg.small or device == "cuda":
         return run_sections(cfg, device)
     if "--sections" in (argv if argv is not None else sys.argv[1:]):
