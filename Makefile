@@ -2,6 +2,7 @@
 #   make test        the test suite (CPU, a few minutes)
 #   make demo        CoMT-SFT -> CCRL -> evaluation from the shipped base model (CPU, ~15 minutes)
 #   make base        rebuild the shipped base model (GPU: minutes; CPU: hours, resumable)
+#   make base-gpu    the same on one GPU, sized to BASE_SECONDS of training by a short speed probe
 #   make reproduce   the paper's table: 5 methods x 3 seeds on the embedded world
 #   make bench       our model vs HF transformers, same run
 #   make bench-gpu   on a CUDA machine (no install step): the attention kernel check + the GPU benchmark
@@ -26,7 +27,7 @@ REPRO_SFT ?= $(DEMO_SFT)
 REPRO_PPO ?= $(DEMO_PPO)
 REPRO_EVAL ?= --limit 200 --max-new-tokens 512
 
-.PHONY: install test data base base-resume demo reproduce bench bench-gpu
+.PHONY: install test data base base-gpu base-resume demo reproduce bench bench-gpu
 
 install:
 	$(PY) -m pip install -q -r requirements-dev.txt
@@ -41,6 +42,25 @@ base: data
 	$(PY) tokenizer.py train --data data/pretrain.jsonl --vocab-size $(BASE_VOCAB) --out data/tokenizer
 	$(PY) sft.py --data data/pretrain.jsonl --init scratch --tokenizer data/tokenizer --model embedded \
 	    --out base --overwrite $(BASE_FLAGS)
+	$(PY) eval.py --ckpt base --sets data/pretrain_test.jsonl data/world/test_id.jsonl --arithmetic 50 \
+	    --limit 200 --out out/base
+
+# The base stage on one GPU inside a fixed time (a lent GPU's session is short): a 60-step probe measures
+# seconds per step, the run takes as many steps as fit BASE_SECONDS (its cosine schedule spans them),
+# then the base skills are measured as in `make base`.
+BASE_SECONDS ?= 360
+BASE_GPU_FLAGS ?= --batch-size 128 --lr 2e-3 --warmup-steps 200 --eval-frac 0.005 --eval-every 0 \
+                  --save-every 1000 --log-every 100 --eval-problems data/pretrain_test.jsonl --eval-problems-n 200
+base-gpu: data
+	$(PY) tokenizer.py train --data data/pretrain.jsonl --vocab-size $(BASE_VOCAB) --out data/tokenizer
+	$(PY) sft.py --data data/pretrain.jsonl --init scratch --tokenizer data/tokenizer --model embedded \
+	    --out runs/base_probe --overwrite --max-steps 60 --batch-size 128 --eval-frac 0.005 --eval-every 0 \
+	    --save-every 0 --log-every 10
+	steps=$$($(PY) -c "import json; r=[json.loads(l) for l in open('runs/base_probe/metrics.jsonl') if 'loss' in l]; \
+	    s=(r[-1]['wall_time_s']-r[0]['wall_time_s'])/(r[-1]['step']-r[0]['step']); print(int($(BASE_SECONDS)/s))") && \
+	echo "base-gpu: $$steps steps fit $(BASE_SECONDS) s" && \
+	$(PY) sft.py --data data/pretrain.jsonl --init scratch --tokenizer data/tokenizer --model embedded \
+	    --out base --overwrite --max-steps $$steps $(BASE_GPU_FLAGS)
 	$(PY) eval.py --ckpt base --sets data/pretrain_test.jsonl data/world/test_id.jsonl --arithmetic 50 \
 	    --limit 200 --out out/base
 
