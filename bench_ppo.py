@@ -45,7 +45,6 @@ Caveats (the two workloads are the same shape, not the same program):
   separate learning rates for policy and critic (set equal here); TRL keeps a linear LR schedule.
 * CPU timings on a shared machine are noisy; compare the ratio from one run, not numbers across runs.
 """
-import argparse
 import contextlib
 import io
 import json
@@ -55,7 +54,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -258,15 +257,8 @@ def run_trl(cfg: BenchConfig, d: Path, prompts: list) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(BenchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            ap.add_argument(flag, action="store_true", default=f.default)
-        else:
-            ap.add_argument(flag, type=type(f.default), default=f.default)
-    cfg = BenchConfig(**vars(ap.parse_args(argv)))
+    from sft import parse_config
+    cfg = parse_config(BenchConfig, __doc__, argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     try:
         import trl
