@@ -44,6 +44,8 @@ base: data
 	    --out base --overwrite $(BASE_FLAGS)
 	$(PY) eval.py --ckpt base --sets data/pretrain_test.jsonl data/world/test_id.jsonl --arithmetic 50 \
 	    --limit 200 --out out/base
+	$(PY) eval.py --ckpt base --names base+plan --given-plan --sets data/pretrain_test.jsonl data/world/test_id.jsonl \
+	    --limit 200 --out out/base_plan
 
 # The base stage on one GPU inside a fixed time (a lent GPU's session is short): a 60-step probe measures
 # seconds per step, the run takes as many steps as fit BASE_SECONDS (its cosine schedule spans them),
@@ -63,6 +65,8 @@ base-gpu: data
 	    --out base --overwrite --max-steps $$steps $(BASE_GPU_FLAGS)
 	$(PY) eval.py --ckpt base --sets data/pretrain_test.jsonl data/world/test_id.jsonl --arithmetic 50 \
 	    --limit 200 --out out/base
+	$(PY) eval.py --ckpt base --names base+plan --given-plan --sets data/pretrain_test.jsonl data/world/test_id.jsonl \
+	    --limit 200 --out out/base_plan
 
 # Continue an interrupted base run exactly (e.g. the CPU run, a few hundred steps per sitting).
 base-resume: data

@@ -3,6 +3,8 @@ table of runs and a self-contained HTML report.
 
     python eval.py --ckpt ckpt/comt ckpt/cot --sets data/world/test_id.jsonl data/world/ood_hard.jsonl
     python eval.py --compare out/eval/*/metrics.json          # table.md + report.html of earlier runs
+    python eval.py --ckpt base --given-plan --sets data/world/test_id.jsonl   # execution alone: the prompt
+                                                              # carries the gold plan (world problems only)
 
 Definitions (the paper names the metrics but not their exact form; these are our choices):
 - accuracy: a response is correct when its final "The answer is N." line matches the gold answer
@@ -61,6 +63,7 @@ class EvalConfig:
     thresholds: tuple = (0.5, 0.7, 0.9)  # overconfidence thresholds tau
     n_bins: int = 10  # equal-width bins for ECE and the reliability diagrams
     arithmetic: int = 0  # > 0: also probe bare arithmetic ("a op b =") with this many items per cell
+    given_plan: bool = False  # prompt = question + the gold meta-thought ("Plan: ... Execution:"): execution alone
     group_seeds: bool = False  # table rows = runs named NAME_sK grouped, mean ± std over the seeds
 
 
@@ -208,15 +211,18 @@ def computed_numbers(tokenizer, problem, response_ids, entropies, kind="exp"):
 
 
 def evaluate(model, tokenizer, problems, batch_size, max_new_tokens, greedy=True, n_samples=1,
-             temperature=1.0, confidence_kind="exp", progress=True):
+             temperature=1.0, confidence_kind="exp", progress=True, given_plan=False):
     """Generate n_samples responses per problem and score them. Returns the set's metrics
     (summarize_set: accuracy, mean_tokens, ...) with "records", one per problem:
-    {id, question, gold, responses: [{text, pred, correct, n_tokens, eos, computed_numbers}]}."""
+    {id, question, gold, responses: [{text, pred, correct, n_tokens, eos, computed_numbers}]}.
+    given_plan: the prompt also holds the problem's gold meta-thought (the CoMT teacher's, from its
+    "program"), so the response is the execution alone: can the model run a plan it did not write?"""
     from model import generate
     from tqdm import tqdm
     if greedy and n_samples > 1:
         raise EvalError("n_samples > 1 needs sampling (greedy=False / --no-greedy)")
-    prompts = [tokenizer.render(data.prompt_text(p))[0] for p in problems]
+    prompts = [tokenizer.render(data.prompt_text(p) + (data.programmatic_teacher(p) if given_plan else ""))[0]
+               for p in problems]
     jobs = [i for i in range(len(problems)) for _ in range(n_samples)]
     records = [{"id": p.get("id"), "question": p["question"], "gold": p["answer"], "responses": []}
                for p in problems]
@@ -647,6 +653,12 @@ def run_eval(cfg):
     toks = [Tokenizer.load(c) for c in cfg.ckpt]
     if cfg.limit:
         problems = {n: p[:cfg.limit] for n, p in problems.items()}
+    if cfg.given_plan:
+        for n, probs in problems.items():
+            bad = next((p for p in probs if not isinstance(p.get("program"), dict)), None)
+            if bad is not None:
+                raise EvalError(f"--given-plan: problem {bad.get('id')!r} of set {n} has no 'program' "
+                                f"(expected world problems, which carry their computation graph)")
     id_sets = [n for n in set_names if n.startswith("test_id") or n in cfg.id_sets]
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     runs = []
@@ -658,7 +670,7 @@ def run_eval(cfg):
             print(f"{name}: {sname} ({len(probs)} problems)", file=sys.stderr)
             set_records[sname] = evaluate(model, tok, probs, cfg.batch_size, cfg.max_new_tokens,
                                           cfg.greedy, cfg.n_samples, cfg.temperature,
-                                          cfg.confidence_kind)["records"]
+                                          cfg.confidence_kind, given_plan=cfg.given_plan)["records"]
         if cfg.arithmetic:
             print(f"{name}: arithmetic probe ({cfg.arithmetic} per cell)", file=sys.stderr)
         m = {"run": name, "ckpt": str(ckpt), **summarize_run(set_records, id_sets, cfg.thresholds,

@@ -461,3 +461,34 @@ def test_group_by_seed_mean_and_std():
     assert g[0]["mean_tokens"] == "12.0 ± 2.8" and g[1]["id_avg"] == "40.0 ± 0.0"
     header, rows = ev.comparison_table(g, (0.5,))
     assert rows[0][:4] == ["comt (n=2)", "60.0 ± 14.1", "30.0 ± 7.1", "60.0 ± 14.1"]
+
+
+def test_given_plan_prompts_hold_the_gold_meta_thought(tok, monkeypatch, tmp_path, capsys):
+    import world
+    rng, cfg = random.Random(5), world.WorldConfig()
+    probs = [world.base_problem(rng, cfg, f"b{i}") for i in range(3)]
+    seen = []
+
+    def generate(model, prompts, max_new_tokens, temperature=1.0, stop_ids=(), pad_id=0, **kw):
+        seen.extend(prompts)
+        n = len(prompts)
+        ids = tok.encode("x = 1\nThe answer is 7.") + [tok.eos_id]
+        return model_py.Generation(torch.tensor([ids] * n), torch.zeros(n, len(ids)), torch.zeros(n, len(ids)),
+                                   torch.ones(n, len(ids), dtype=torch.long), torch.ones(n, dtype=torch.bool))
+    monkeypatch.setattr(model_py, "generate", generate)
+    ev.evaluate(None, tok, probs, batch_size=2, max_new_tokens=8, progress=False, given_plan=True)
+    want = [tok.render(f"Question: {p['question']}\n" + world.program_plan(p["program"]))[0] for p in probs]
+    assert seen == want and all(tok.decode(w).endswith("Execution:\n") for w in want)
+    seen.clear()
+    ev.evaluate(None, tok, probs, batch_size=2, max_new_tokens=8, progress=False)
+    assert seen == [tok.render(f"Question: {p['question']}\n")[0] for p in probs]
+    # a set without computation graphs: one line, exit 2, nothing written
+    ck = tmp_path / "ck"
+    tiny_model(tok).save_pretrained(ck)
+    tok.save(ck)
+    sets = tmp_path / "plain.jsonl"
+    sets.write_text("".join(json.dumps(r) + "\n" for r in PROBLEMS))
+    assert ev.main(["--ckpt", str(ck), "--sets", str(sets), "--given-plan", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --given-plan: problem 'p0' of set plain has no 'program'") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
