@@ -2,7 +2,8 @@
 #   make test        the test suite (CPU, a few minutes)
 #   make demo        CoMT-SFT -> CCRL -> evaluation from the shipped base model (CPU, ~15 minutes)
 #   make base        rebuild the shipped base model (GPU: minutes; CPU: hours, resumable)
-#   make base-gpu    the same on one GPU, sized to BASE_SECONDS of training by a short speed probe
+#   make base-skills measure base/: base problems, arithmetic, executing given plans (base vs task families)
+#   make base-gpu    the same as base on one GPU, sized to BASE_SECONDS of training by a short speed probe
 #   make reproduce   the paper's table: 5 methods x 3 seeds on the embedded world
 #   make bench       our model vs HF transformers, same run
 #   make bench-gpu   on a CUDA machine (no install step): the attention kernel check + the GPU benchmark
@@ -27,7 +28,7 @@ REPRO_SFT ?= $(DEMO_SFT)
 REPRO_PPO ?= $(DEMO_PPO)
 REPRO_EVAL ?= --limit 200 --max-new-tokens 512
 
-.PHONY: install test data base base-gpu base-resume demo reproduce bench bench-gpu
+.PHONY: install test data base base-skills base-gpu base-resume demo reproduce bench bench-gpu
 
 install:
 	$(PY) -m pip install -q -r requirements-dev.txt
@@ -38,14 +39,23 @@ test: install
 data:
 	$(PY) data.py --n-pretrain $(BASE_DOCS)
 
-base: data
-	$(PY) tokenizer.py train --data data/pretrain.jsonl --vocab-size $(BASE_VOCAB) --out data/tokenizer
-	$(PY) sft.py --data data/pretrain.jsonl --init scratch --tokenizer data/tokenizer --model embedded \
-	    --out base --overwrite $(BASE_FLAGS)
+# The base skills: held-out base problems, task problems before SFT, bare arithmetic (out/base), and the
+# execution of a given gold plan, base families vs task families (out/base_plan): CoMT needs the latter.
+define base_skills
 	$(PY) eval.py --ckpt base --sets data/pretrain_test.jsonl data/world/test_id.jsonl --arithmetic 50 \
 	    --limit 200 --out out/base
 	$(PY) eval.py --ckpt base --names base+plan --given-plan --sets data/pretrain_test.jsonl data/world/test_id.jsonl \
 	    --limit 200 --out out/base_plan
+endef
+
+base-skills:
+	$(base_skills)
+
+base: data
+	$(PY) tokenizer.py train --data data/pretrain.jsonl --vocab-size $(BASE_VOCAB) --out data/tokenizer
+	$(PY) sft.py --data data/pretrain.jsonl --init scratch --tokenizer data/tokenizer --model embedded \
+	    --out base --overwrite $(BASE_FLAGS)
+	$(base_skills)
 
 # The base stage on one GPU inside a fixed time (a lent GPU's session is short): a 60-step probe measures
 # seconds per step, the run takes as many steps as fit BASE_SECONDS (its cosine schedule spans them),
@@ -63,10 +73,7 @@ base-gpu: data
 	echo "base-gpu: $$steps steps fit $(BASE_SECONDS) s" && \
 	$(PY) sft.py --data data/pretrain.jsonl --init scratch --tokenizer data/tokenizer --model embedded \
 	    --out base --overwrite --max-steps $$steps $(BASE_GPU_FLAGS)
-	$(PY) eval.py --ckpt base --sets data/pretrain_test.jsonl data/world/test_id.jsonl --arithmetic 50 \
-	    --limit 200 --out out/base
-	$(PY) eval.py --ckpt base --names base+plan --given-plan --sets data/pretrain_test.jsonl data/world/test_id.jsonl \
-	    --limit 200 --out out/base_plan
+	$(base_skills)
 
 # Continue an interrupted base run exactly (e.g. the CPU run, a few hundred steps per sitting).
 base-resume: data
