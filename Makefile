@@ -15,7 +15,6 @@ SETS = data/world/test_id.jsonl data/world/ood_hard.jsonl data/world/ood_deep.js
 
 # The base stage: corpus size, tokenizer size and training budget (see README, "The base model").
 BASE_DOCS ?= 30000
-BASE_WORLD ?=  # more world.py flags for the base corpus, e.g. "--plan-renamed 0.5" (see base/README.md)
 BASE_VOCAB ?= 960
 BASE_FLAGS ?= --max-steps 3500 --batch-size 32 --lr 2e-3 --warmup-steps 100 --save-every 250 --eval-frac 0.005 \
               --eval-every 1000 --eval-problems data/pretrain_test.jsonl --eval-problems-n 100 --log-every 25
@@ -38,7 +37,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 data:
-	$(PY) data.py --n-pretrain $(BASE_DOCS) $(BASE_WORLD)
+	$(PY) data.py --n-pretrain $(BASE_DOCS)
 
 # The base skills: held-out base problems, task problems before SFT, bare arithmetic (out/base), and the
 # execution of a given gold plan, base families vs task families (out/base_plan): CoMT needs the latter.

@@ -57,7 +57,6 @@ class WorldConfig:
     hard_min: int = 100            # ood_hard multiplies the amounts by a factor in [hard_min, hard_max]
     hard_max: int = 1000
     base_big: float = 0.3          # share of base-corpus problems and drills at ood_hard magnitudes
-    plan_renamed: float = 0.0      # share of base plan documents whose variable names are arbitrary words
     tokenizer: str = ""            # tokenizer dir for token counts ("" = base/ when it exists)
 
 
@@ -315,16 +314,6 @@ def binding_doc(rng, cfg):
             + program_execution(prog))
 
 
-def rename_program(rng, prog: dict) -> dict:
-    """The same computation with every variable renamed to a distinct arbitrary word. A plan with such
-    names can only be executed by reading them off its Let line: a base that learned only its families'
-    usual names binds 0 of them (base/README.md), and CoMT leaves exactly this reading to the base."""
-    names = [var for var, _, _ in prog["givens"]] + [var for var, *_ in prog["steps"]]
-    new = dict(zip(names, rng.sample(BINDING_WORDS, len(names))))
-    return {"givens": [[new[var], val, d] for var, val, d in prog["givens"]],
-            "steps": [[new[var], new[a], op, new[b], d] for var, a, op, b, d in prog["steps"]]}
-
-
 def story_doc(rng, question: str, prog: dict) -> str:
     facts = [f"{cap(d)} is {val}." for _, val, d in prog["givens"]]
     rng.shuffle(facts)
@@ -362,8 +351,6 @@ def pretrain_corpus(cfg: WorldConfig, exclude=()):
                 continue
             prog = p["program"]
             if kind == "plan":
-                if cfg.plan_renamed and rng.random() < cfg.plan_renamed:  # no draw at 0: same corpus as before
-                    prog = rename_program(rng, prog)
                 text = f"Question: {p['question']}\n{program_plan(prog)}{program_execution(prog)}"
             elif kind == "cot":
                 text = f"Question: {p['question']}\n{program_solution(prog, annotate=False)}"

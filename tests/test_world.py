@@ -193,26 +193,3 @@ def test_world_cli(tmp_path):
         assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, (script, r.stderr)
         assert r.stderr.startswith("error: bad world config {'out': ")
     assert not (tmp_path / "w").exists()
-
-
-def test_renamed_plan_documents():
-    """plan_renamed = 1: every plan document's variables are arbitrary words, bound and computed as before."""
-    cfg = world_py.WorldConfig(seed=5, n_pretrain=300, plan_renamed=1.0)
-    texts, kinds = world_py.pretrain_corpus(cfg)
-    plans = [t for t in texts if "\nPlan:\nLet " in t]
-    assert len(plans) == kinds["plan"] > 50
-    words = set(world_py.BINDING_WORDS)
-    for t in plans:
-        plan, execution = t.split("\nExecution:\n")
-        let = plan.split("\nPlan:\nLet ")[1].split("\n")[0]
-        bound = re.findall(r"^(\w+) = (\d+)$", execution, re.M)          # the givens' binding lines
-        assert bound and {name for name, _ in bound} <= words
-        assert all(re.search(rf"\b{name} (be|the|a|an) ", let) or f"{name} " in let for name, _ in bound)
-        steps = re.findall(r"^(\w+) = (\w+) ([-+*/]) (\w+) = (\d+) [-+*/] (\d+) = (\d+)$", execution, re.M)
-        values = {name: int(v) for name, v in bound}
-        for var, a, op, b, x, y, z in steps:                            # names resolve to the values written
-            assert (values[a], values[b]) == (int(x), int(y)) and var in words
-            values[var] = int(z)
-            assert data.safe_eval(f"{x} {op} {y}") == int(z)
-    plain, _ = world_py.pretrain_corpus(world_py.WorldConfig(seed=5, n_pretrain=300))
-    assert not any(set(re.findall(r"^(\w+) = \d+$", t, re.M)) <= words for t in plain if "\nPlan:\nLet " in t)
