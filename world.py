@@ -19,10 +19,13 @@ What it writes
   data/world/ood_table        4 of the families with their facts in a table (TabMWP)
   data/world/ood_symbolic     train templates, renamed entities (a disjoint pool), new numbers (GSM-Symbolic)
   data/pretrain.jsonl         the base corpus, {"text"}: Question/Plan/Execution and Question/CoT documents
-                              of 6 base families DISJOINT from the task families, binding exercises
-                              ("Given: ...", a plan of formulas, its execution), arithmetic drills, stories
-                              (a question and its facts, no solution; two thirds from the world's task and
-                              novel families, none of them a split's question, so the base knows their words)
+                              of 6 base families DISJOINT from the task families, plan-reading exercises
+                              (a story of any family with a RANDOM plan over its quantities and its
+                              execution: the story never says what to compute, only the plan does), binding
+                              exercises ("Given: ...", a plan of formulas, its execution), arithmetic drills,
+                              stories (a question and its facts, no solution). Two thirds of the exercises'
+                              and stories' questions come from the task and novel families (never a split's
+                              question): the base knows their words and how to read them, never a strategy
   data/pretrain_test.jsonl    held-out base-family problems, to measure the base skills
   data/cot.jsonl, comt.jsonl  the programmatic teacher's SFT pairs for train (data.py)
 World problems are problems (data.py) with family, template, steps, entities and program (the
@@ -41,7 +44,7 @@ from pathlib import Path
 
 import data
 from families import (DEEP_FAMILIES, NAMES, NOVEL_FAMILIES, ORD, TABLE_FAMILIES, TASK_FAMILIES, THINGS, Graph,
-                      Resample, apply_op, cap, join_and, sample)
+                      Resample, apply_op, cap, sample)
 
 
 @dataclass
@@ -90,9 +93,11 @@ def program_solution(program, annotate=True) -> str:
 
 def program_plan(program) -> str:
     """The meta-thought: what each given is, then the strategy as formulas over names; no number.
-    Ends with the hand-off after which the student executes."""
-    defs = [f"{var} be {d}" if i == 0 else f"{var} {d}" for i, (var, _, d) in enumerate(program["givens"])]
-    lines = ["Plan:", f"Let {join_and(defs)}."] + [f"{var} = {a} {op} {b}." for var, a, op, b, _ in program["steps"]]
+    Ends with the hand-off after which the student executes. One "Let" line per given, in the order the
+    execution binds them: a small student copies the k-th name into the k-th binding line far more
+    reliably than it finds it inside one long sentence of definitions."""
+    lines = (["Plan:"] + [f"Let {var} be {d}." for var, _, d in program["givens"]]
+             + [f"{var} = {a} {op} {b}." for var, a, op, b, _ in program["steps"]])
     return "\n".join(lines + [f"The answer is {program['steps'][-1][0]}.", "Execution:", ""])
 
 
@@ -314,6 +319,47 @@ def binding_doc(rng, cfg):
             + program_execution(prog))
 
 
+def random_plan(rng, givens, names, limit):
+    """A plan over a story's quantities that the story does not suggest: 1-4 steps of random operations,
+    each step a new name from names. The givens are [var, value, desc]. Returns a program or None."""
+    for _ in range(50):
+        g, unused = Graph(limit), [var for var, _, _ in givens]
+        for var, val, d in givens:
+            g.given(var, val, d)
+        for w in rng.sample([n for n in names if n not in g.v], rng.randint(1, 4)):
+            for _ in range(30):
+                # Like a written plan: mostly the last result with a quantity not used yet.
+                a = g.steps[-1][0] if g.steps and rng.random() < 0.7 else rng.choice(unused or list(g.v))
+                b = rng.choice([x for x in (unused if rng.random() < 0.7 else list(g.v)) if x != a] or
+                               [x for x in g.v if x != a])
+                try:
+                    g.step(w, *((a, rng.choice("+-*/"), b) if rng.random() < 0.6 else (b, rng.choice("+-*/"), a)), "")
+                except Resample:
+                    continue
+                unused = [x for x in unused if x not in g.steps[-1][1:4:2]]
+                break
+        if g.steps:
+            return g.program()
+    return None
+
+
+def exercise_doc(rng, cfg, question: str, prog: dict, names) -> str | None:
+    """A story of any family with a random plan over its quantities, and the plan's execution. The story
+    does not determine the computation, only the plan does, so the student learns to read a plan: the
+    skill CoMT leaves to the base model. Half the documents also rename the quantities to arbitrary
+    words (the names must be copied from the Let line) and half shuffle their order."""
+    givens = [list(x) for x in prog["givens"]]
+    if rng.random() < 0.5:
+        rng.shuffle(givens)
+    if rng.random() < 0.5:
+        new = rng.sample([n for n in names if n not in {v for v, _, _ in givens}], len(givens))
+        givens = [[w, val, d] for w, (_, val, d) in zip(new, givens)]
+    plan = random_plan(rng, givens, names, max(cfg.max_value, *(val for _, val, _ in givens)))
+    if plan is None:
+        return None
+    return f"Question: {question}\n{program_plan(plan)}{program_execution(plan)}"
+
+
 def story_doc(rng, question: str, prog: dict) -> str:
     facts = [f"{cap(d)} is {val}." for _, val, d in prog["givens"]]
     rng.shuffle(facts)
@@ -329,33 +375,40 @@ def world_story(rng, cfg: WorldConfig):
 
 
 def pretrain_corpus(cfg: WorldConfig, exclude=()):
-    """The base corpus: {"text"} documents of five kinds. Returns (texts, counts per kind). No question
+    """The base corpus: {"text"} documents of six kinds. Returns (texts, counts per kind). No question
     in exclude (the splits' and the held-out base problems') appears."""
     rng = random.Random(f"{cfg.seed}/pretrain")
-    kinds = {"plan": 0.35, "cot": 0.2, "binding": 0.2, "drill": 0.15, "story": 0.1}
+    kinds = {"plan": 0.15, "exercise": 0.4, "cot": 0.1, "binding": 0.15, "drill": 0.15, "story": 0.05}
     texts, counts, exclude = [], dict.fromkeys(kinds, 0), set(exclude)
+    names = list(BINDING_WORDS)    # exercises' names: these and every variable name met so far, in order
     while len(texts) < cfg.n_pretrain:
         kind = rng.choices(list(kinds), weights=list(kinds.values()))[0]
         if kind == "drill":
             text = drill_doc(rng, cfg)
         elif kind == "binding":
             text = binding_doc(rng, cfg)
-        elif kind == "story" and rng.random() < 2 / 3:
+        elif kind in ("story", "exercise") and rng.random() < 2 / 3:
             q, prog = world_story(rng, cfg)
             if q in exclude:
                 continue
-            text = story_doc(rng, q, prog)
+            text = story_doc(rng, q, prog) if kind == "story" else exercise_doc(rng, cfg, q, prog, names)
         else:
             p = base_problem(rng, cfg)
             if p["question"] in exclude:
                 continue
-            prog = p["program"]
+            q, prog = p["question"], p["program"]
             if kind == "plan":
-                text = f"Question: {p['question']}\n{program_plan(prog)}{program_execution(prog)}"
+                text = f"Question: {q}\n{program_plan(prog)}{program_execution(prog)}"
             elif kind == "cot":
-                text = f"Question: {p['question']}\n{program_solution(prog, annotate=False)}"
+                text = f"Question: {q}\n{program_solution(prog, annotate=False)}"
+            elif kind == "exercise":
+                text = exercise_doc(rng, cfg, q, prog, names)
             else:
-                text = story_doc(rng, p["question"], prog)
+                text = story_doc(rng, q, prog)
+        if kind == "exercise":
+            names += [x[0] for x in prog["givens"] + prog["steps"] if x[0] not in names]
+            if text is None:
+                continue
         texts.append(text)
         counts[kind] += 1
     return texts, counts
