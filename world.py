@@ -332,11 +332,14 @@ def random_plan(rng, givens, names, limit):
                 a = g.steps[-1][0] if g.steps and rng.random() < 0.7 else rng.choice(unused or list(g.v))
                 b = rng.choice([x for x in (unused if rng.random() < 0.7 else list(g.v)) if x != a] or
                                [x for x in g.v if x != a])
+                swap = rng.random() >= 0.6                  # either order: not always "result op given"
+                op = rng.choice("+-*/")
+                x, y = (b, a) if swap else (a, b)
                 try:
-                    g.step(w, *((a, rng.choice("+-*/"), b) if rng.random() < 0.6 else (b, rng.choice("+-*/"), a)), "")
+                    g.step(w, x, op, y, "")
                 except Resample:
                     continue
-                unused = [x for x in unused if x not in g.steps[-1][1:4:2]]
+                unused = [u for u in unused if u not in (x, y)]
                 break
         if g.steps:
             return g.program()
