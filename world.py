@@ -360,7 +360,12 @@ def exercise_doc(rng, cfg, question: str, prog: dict, names) -> str | None:
     plan = random_plan(rng, givens, names, max(cfg.max_value, *(val for _, val, _ in givens)))
     if plan is None:
         return None
-    return f"Question: {question}\n{program_plan(plan)}{program_execution(plan)}"
+    return plan_doc(question, plan)
+
+
+def plan_doc(question: str, program: dict) -> str:
+    """A question, its plan and the plan's execution: what a CoMT student writes, end to end."""
+    return f"Question: {question}\n{program_plan(program)}{program_execution(program)}"
 
 
 def story_doc(rng, question: str, prog: dict) -> str:
@@ -401,7 +406,7 @@ def pretrain_corpus(cfg: WorldConfig, exclude=()):
                 continue
             q, prog = p["question"], p["program"]
             if kind == "plan":
-                text = f"Question: {q}\n{program_plan(prog)}{program_execution(prog)}"
+                text = plan_doc(q, prog)
             elif kind == "cot":
                 text = f"Question: {q}\n{program_solution(prog, annotate=False)}"
             elif kind == "exercise":

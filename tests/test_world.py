@@ -1,12 +1,11 @@
 """Tests for world.py and families.py: the embedded world, its splits, base corpus and SFT sets, its CLI."""
 import json
 import os
+import random
 import re
 import subprocess
 import sys
 from pathlib import Path
-
-import random
 
 import pytest
 
