@@ -18,15 +18,17 @@ BASE_DOCS ?= 30000
 BASE_VOCAB ?= 960
 BASE_FLAGS ?= --max-steps 3500 --batch-size 32 --lr 2e-3 --warmup-steps 100 --save-every 250 --eval-frac 0.005 \
               --eval-every 1000 --eval-problems data/pretrain_test.jsonl --eval-problems-n 100 --log-every 25
-# The demo's budgets: sized for 2 CPU cores.
-DEMO_SFT ?= --max-steps 150 --batch-size 32 --lr 1e-3 --warmup-steps 10 --eval-every 0 --log-every 10
-DEMO_PPO ?= --steps 20 --prompts-per-step 32 --minibatch-size 16 --max-new-tokens 320 --lr 2e-5 \
+# The demo's budgets: sized for 2 CPU cores. SFT replays base-corpus documents as half of its examples
+# (rehearsal; without it CoMT-SFT erodes the base's execution: README, "Results").
+DEMO_SFT ?= --max-steps 150 --batch-size 32 --lr 1e-3 --warmup-steps 10 --eval-every 0 --log-every 10 \
+            --replay data/pretrain.jsonl --replay-frac 0.5
+DEMO_PPO ?= --steps 20 --prompts-per-step 32 --minibatch-size 16 --max-new-tokens 320 --lr 3e-5 --temperature 0.5 \
             --eval-every 0 --eval-problems "" --log-every 1 --sample-every 10
 DEMO_EVAL ?= --limit 100 --max-new-tokens 512
 # reproduce: the same budgets for every method.
 REPRO_SFT ?= $(DEMO_SFT)
 REPRO_PPO ?= $(DEMO_PPO)
-REPRO_EVAL ?= --limit 200 --max-new-tokens 512
+REPRO_EVAL ?= --limit 100 --max-new-tokens 512
 
 .PHONY: install test data base base-skills base-gpu base-resume demo reproduce bench bench-gpu
 

@@ -42,6 +42,8 @@ class SFTConfig:
     eval_frac: float = 0.02  # share of data held out when eval_data is empty
     eval_problems: str = ""  # problems file for greedy answer accuracy at each eval ("" = skip)
     eval_problems_n: int = 200  # how many of those problems to decode
+    replay: str = ""  # a second jsonl mixed into the training examples (rehearsal, e.g. the base corpus); "" = none
+    replay_frac: float = 0.5  # share of the training examples drawn from replay (when replay is set)
     init: str = "auto"  # checkpoint dir to start from; "scratch" = random init; "auto" = base/ or scratch
     model: str = "embedded"  # named config (model.CONFIGS) when training from scratch
     tokenizer: str = ""  # tokenizer dir when training from scratch ("" = the init checkpoint's)
@@ -128,6 +130,23 @@ def load_examples(path: str, tok, max_len: int):
             raise DataError(f"{path}:{n}: no loss tokens within max_len={max_len}")
         examples.append((ids, mask))
     return examples, truncated
+
+
+def replay_examples(cfg: SFTConfig, tok, n_train: int):
+    """Rehearsal: a fixed random subset of the replay file (a pure function of the seed, so resume sees
+    the same one), sized so it is replay_frac of the mixed training set. Fine-tuning a small model on
+    one narrow format erodes skills the format does not exercise; mixing some of the pretraining
+    distribution back in is the usual remedy (InstructGPT's PPO-ptx does it in RL)."""
+    if not 0 < cfg.replay_frac < 1:
+        raise DataError(f"--replay-frac {cfg.replay_frac}: expected a share strictly between 0 and 1")
+    rows = read_examples(cfg.replay)
+    n = min(len(rows), round(n_train * cfg.replay_frac / (1 - cfg.replay_frac)))
+    out = []
+    for i in sorted(random.Random(cfg.seed).sample(range(len(rows)), n)):
+        line, obj = rows[i]
+        ids, mask = encode_example(tok, obj, f"{cfg.replay}:{line}")
+        out.append((ids[:cfg.max_len], mask[:cfg.max_len]))
+    return out
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -399,11 +418,13 @@ def setup(cfg: SFTConfig):
     else:  # a fixed slice, the same on resume
         n_eval = min(len(train) // 2, max(1, int(len(train) * cfg.eval_frac))) if cfg.eval_frac > 0 else 0
         held, train = train[len(train) - n_eval:], train[:len(train) - n_eval]
+    replayed = replay_examples(cfg, tok, len(train)) if cfg.replay else []
+    train += replayed
     problems = None
     if cfg.eval_problems:
         from data import load_problems
         problems = load_problems(cfg.eval_problems)[:cfg.eval_problems_n]
-    return model, tok, train, held, truncated, problems
+    return model, tok, train, held, truncated, len(replayed), problems
 
 
 def train(cfg: SFTConfig):
@@ -411,7 +432,7 @@ def train(cfg: SFTConfig):
     rank, world = init_distributed(device)
     main = rank == 0
     say = print if main else (lambda *a, **k: None)
-    model, tok, examples, held, truncated, problems = setup(cfg)
+    model, tok, examples, held, truncated, n_replayed, problems = setup(cfg)
     out = Path(cfg.out)
     model.to(device).train()
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device == "cuda")
@@ -428,8 +449,9 @@ def train(cfg: SFTConfig):
     micro_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    replayed_note = f" ({n_replayed} of the train from {cfg.replay})" if n_replayed else ""
     say(f"model: {model.config.model_type} {n_params / 1e6:.2f}M params | data: {len(examples)} train, "
-        f"{len(held)} held out, {truncated} truncated to {cfg.max_len} tokens | "
+        f"{len(held)} held out{replayed_note}, {truncated} truncated to {cfg.max_len} tokens | "
         f"{total} steps x {cfg.batch_size * cfg.grad_accum} examples | device {device}"
         f"{' bf16' if use_bf16 else ''}{f' | {world} ranks, ' + ('FSDP' if cfg.fsdp else 'DDP') if world > 1 else ''}")
     say(json.dumps(asdict(cfg)))

@@ -28,6 +28,7 @@ def test_pipeline_in_miniature(tmp_path):
     run(py("sft.py"), "--data", "data/pretrain.jsonl", "--init", "scratch", "--tokenizer", "data/tokenizer",
         "--model", "tiny", "--out", "base", "--max-steps", 4, *common, cwd=tmp_path)
     run(py("sft.py"), "--data", "data/comt.jsonl", "--init", "base", "--out", "ckpt/comt", "--max-steps", 3,
+        "--replay", "data/pretrain.jsonl", "--replay-frac", 0.5,
         "--eval-problems", "data/world/test_id.jsonl", "--eval-problems-n", 4, *common, cwd=tmp_path)
     comt_log = [json.loads(l) for l in (tmp_path / "ckpt/comt/metrics.jsonl").read_text().splitlines()]
     assert "eval_accuracy" in comt_log[-1]

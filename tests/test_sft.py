@@ -67,6 +67,22 @@ def test_loss_mask_is_exactly_the_completion(tokdir):
     assert ids2[-1] != tok.eos_id and sum(mask2) == len(comp)
 
 
+def test_replay_mixes_a_fixed_share_of_whole_documents(tmp_path, tokdir):
+    docs = [{"text": f"Tom has {i} apples and shares them."} for i in range(40)]
+    args = base_args(tmp_path, tokdir, replay=write_jsonl(tmp_path / "rep.jsonl", docs), replay_frac=0.2)
+    model, tok, train, held, _, n_rep, _ = sft.setup(cfg_of(**args))
+    assert n_rep == 2 and len(train) == len(PAIRS) + 2  # 2 / 10 = 0.2 of the mixed set
+    texts = {tok.decode(ids[1:-1]): mask for ids, mask in train[len(PAIRS):]}
+    assert set(texts) <= {d["text"] for d in docs}
+    assert all(m == [0] + [1] * (len(m) - 1) for m in texts.values())  # loss on the whole document
+    # the subset is a function of the seed: the same again (resume), another for another seed
+    assert [ids for ids, _ in sft.setup(cfg_of(**args))[2]] == [ids for ids, _ in train]
+    other = [sft.setup(cfg_of(**{**args, "seed": s}))[2][len(PAIRS):] for s in range(1, 6)]
+    assert any(o != train[len(PAIRS):] for o in other)
+    args["replay_frac"] = 0.5
+    assert sft.setup(cfg_of(**args))[5] == len(PAIRS)
+
+
 def test_tiny_model_overfits(tmp_path, tokdir):
     cfg = cfg_of(**base_args(tmp_path, tokdir, max_steps=300, lr=5e-3))
     sft.train(cfg)
@@ -164,6 +180,8 @@ def test_bad_inputs_one_line_exit_2(tmp_path, tokdir):
     bad("empty.jsonl:1", data=write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "Q\n", "completion": " "}]))
     bad("unk.jsonl:1", data=write_jsonl(tmp_path / "unk.jsonl", [{"prompt": "Q\n", "answer_text": "x"}]))
     bad("no config.json", init=tmp_path / "nowhere")
+    bad("--replay-frac 1.0", replay=write_jsonl(tmp_path / "rep.jsonl", [{"text": "Tom has 3 apples."}]), replay_frac=1.0)
+    bad("badrep.jsonl:1", replay=write_jsonl(tmp_path / "badrep.jsonl", [{"txt": "Tom"}]))
     # An --init whose embedding is smaller than the tokenizer.
     small = Transformer(sft.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                         num_attention_heads=2))
