@@ -4,6 +4,7 @@ different data.
 
     python sft.py --data data/comt.jsonl --out ckpt/comt              # CoMT-SFT from the shipped base/
     python sft.py --data data/cot.jsonl --out ckpt/cot                # the CoT-SFT baseline
+    python sft.py --data data/comt.jsonl --replay data/pretrain.jsonl # half the examples: base documents (the demo)
     python sft.py --data data/pretrain.jsonl --init scratch --tokenizer base --out base   # base stage
     python sft.py --data data/comt.jsonl --out ckpt/comt --resume     # continue a killed run exactly
     torchrun --standalone --nproc_per_node=8 sft.py --init MODEL_DIR --data comt.jsonl --fsdp   # many GPUs
