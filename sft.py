@@ -120,9 +120,10 @@ def encode_example(tok, obj: dict, where: str):
                     f"text, or messages (optional: {sorted(META_KEYS)})")
 
 
-def load_examples(path: str, tok, max_len: int):
+def load_examples(path: str, tok, max_len: int, rows=None):
+    """Encode the lines of path (or the given subset of its (line, object) rows), truncated to max_len."""
     examples, truncated = [], 0
-    for n, obj in read_examples(path):
+    for n, obj in read_examples(path) if rows is None else rows:
         ids, mask = encode_example(tok, obj, f"{path}:{n}")
         if len(ids) > max_len:
             ids, mask = ids[:max_len], mask[:max_len]
@@ -142,12 +143,8 @@ def replay_examples(cfg: SFTConfig, tok, n_train: int):
         raise DataError(f"--replay-frac {cfg.replay_frac}: expected a share strictly between 0 and 1")
     rows = read_examples(cfg.replay)
     n = min(len(rows), round(n_train * cfg.replay_frac / (1 - cfg.replay_frac)))
-    out = []
-    for i in sorted(random.Random(cfg.seed).sample(range(len(rows)), n)):
-        line, obj = rows[i]
-        ids, mask = encode_example(tok, obj, f"{cfg.replay}:{line}")
-        out.append((ids[:cfg.max_len], mask[:cfg.max_len]))
-    return out
+    picked = [rows[i] for i in sorted(random.Random(cfg.seed).sample(range(len(rows)), n))]
+    return load_examples(cfg.replay, tok, cfg.max_len, picked)[0]
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
