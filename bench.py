@@ -5,7 +5,7 @@ random weights (nothing downloaded).
     python bench.py                    # CPU: embedded config, training and sampling tok/s against HF
     python bench.py --device cuda      # GPU: the four sections below at the llama-1b shape (about 6 minutes)
     python bench.py --small            # the four sections with tiny shapes: seconds on a CPU (run by the tests)
-    python bench.py --device cuda --sections 2,3 --out bench.json    # some sections; tables also to a file
+    python bench.py --device cuda --sections 2,3 --out bench.json    # some sections, in that order; tables to a file
 
 The sections (each a markdown table: figure | ours | HF | ratio | peak GB):
   1. training step tok/s and MFU, llama-1b, B8 T1024, bf16 autocast, fused AdamW: ours eager, with
@@ -55,7 +55,7 @@ class BenchConfig:
     repeats: int = 3  # CPU comparison: timed repeats (median reported)
     device: str = "auto"
     small: bool = False  # the sections with tiny shapes, for a quick check on a CPU
-    sections: str = "1,2,3,4"  # which sections to run (on CUDA, or with --small)
+    sections: str = ""  # which sections to run, in this order, e.g. "2,1" ("" = all, cheapest first: RUN_ORDER)
     out: str = ""  # also write the results here: .md for the tables, anything else for JSON
     time_budget: float = -1.0  # seconds; cells that would overrun it are skipped (-1: 330 for the 1B run, else none)
 
@@ -624,7 +624,11 @@ def run_sections(cfg: BenchConfig, device: str) -> int:
     S = replace(SMALL if cfg.small else Shapes(), config=cfg.config or "llama-1b")
     budget = cfg.time_budget if cfg.time_budget >= 0 else (0.0 if cfg.small else 330.0)
     b = Bench(device, S, budget)
-    wanted = sorted({int(x) for x in cfg.sections.split(",") if x.strip()})
+    order = [x.strip() for x in cfg.sections.split(",") if x.strip()]
+    if any(x not in {str(n) for n in SECTIONS} for x in order):
+        print(f"error: --sections {cfg.sections}: expected numbers from {sorted(SECTIONS)}, e.g. 2,1", file=sys.stderr)
+        return 2
+    order = [int(x) for x in order] or list(RUN_ORDER)
     triton = getattr(__import__("attention").triton, "__version__", "missing")
     head = (f"device {torch.cuda.get_device_name() if b.cuda else f'cpu ({torch.get_num_threads()} threads)'}, "
             f"torch {torch.__version__}, transformers {transformers.__version__}, triton {triton}, "
@@ -633,7 +637,7 @@ def run_sections(cfg: BenchConfig, device: str) -> int:
     if not b.cuda:
         print("note: compile paths and the Triton kernel need CUDA; on this device they are skipped", flush=True)
     done = {}
-    for n in [x for x in RUN_ORDER if x in wanted]:
+    for n in dict.fromkeys(order):  # as listed, each once
         torch.manual_seed(0)
         try:
             done[n] = SECTIONS[n](b)

@@ -247,3 +247,16 @@ def test_bench_small_runs_every_section(tmp_path):
     saved = json.loads(out.read_text())
     assert [s["section"] for s in saved["sections"]] == [1, 2, 3, 4]
     assert saved["markdown"].count("| figure") == 4
+
+
+def test_bench_sections_run_in_the_order_given_and_bad_ones_are_refused():
+    pytest.importorskip("transformers")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "bench.py"), "--small", *a], capture_output=True,
+                                    text=True, cwd=ROOT, timeout=600, env=env)
+    r = run("--sections", "3,1")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    heads = re.findall(r"^### (\d)\. ", r.stdout, re.M)
+    assert heads == ["3", "1"], heads
+    r = run("--sections", "2,x")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--sections 2,x" in r.stderr, r.stderr
