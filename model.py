@@ -702,6 +702,7 @@ def all_done(finished, across_ranks: bool) -> bool:
     return int(left) == 0
 
 
+@torch.no_grad()  # sampling never needs a graph; with one, every step's activations would be kept
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, stop_ids=(), pad_id: int = 0, generator=None,
              sync_every: int = 8, compile: bool = False, static: Optional[bool] = None,

@@ -141,6 +141,18 @@ def test_kv_cache_decoding_equals_full_forward_and_logprobs_recompute():
             assert tok[-1].item() in (3, 4) and (g.tokens[i, n:] == 0).all()
 
 
+def test_generate_keeps_no_graph_when_called_with_grad_enabled():
+    # sft.py's in-run evaluation and ppo.py's rollouts call generate on a model that is training (grad on).
+    # A graph kept across the decode steps held every step's activations: a 3M model ran a GPU out of memory.
+    torch.manual_seed(0)
+    m = randomize(Transformer(tiny("llama", heads=4, kv=2, head_dim=16)), 5).train()
+    for static in (False, True):
+        with torch.enable_grad():
+            g = generate(m, [[5, 9, 13], [7, 3]], max_new_tokens=6, temperature=1.0, static=static,
+                         generator=torch.Generator().manual_seed(1))
+        assert not (g.logprobs.requires_grad or g.entropies.requires_grad), static
+
+
 def test_sampling_filters():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
     gen = torch.Generator().manual_seed(0)
