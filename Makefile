@@ -1,9 +1,8 @@
 # The whole pipeline of the paper on the embedded world, plus tests and benchmarks.
 #   make test        the test suite (CPU, a few minutes)
 #   make demo        CoMT-SFT -> CCRL -> evaluation from the shipped base model (CPU, ~15 minutes)
-#   make base        rebuild the shipped base model (GPU: minutes; CPU: hours, resumable)
+#   make base        rebuild the shipped base model (one H100: 4.5 minutes; 2 CPU cores: ~95 minutes, resumable)
 #   make base-skills measure base/: base problems, arithmetic, executing given plans (base vs task families)
-#   make base-gpu    the same as base on one GPU, sized to BASE_SECONDS of training by a short speed probe
 #   make reproduce   the paper's table: 5 methods x 3 seeds on the embedded world
 #   make bench       our model vs HF transformers, same run
 #   make bench-gpu   on a CUDA machine (no install step): the attention kernel check + the GPU benchmark
@@ -30,7 +29,7 @@ REPRO_SFT ?= $(DEMO_SFT)
 REPRO_PPO ?= $(DEMO_PPO)
 REPRO_EVAL ?= --limit 100 --max-new-tokens 512
 
-.PHONY: install test data base base-skills base-gpu base-resume demo reproduce bench bench-gpu
+.PHONY: install test data base base-skills base-resume demo reproduce bench bench-gpu
 
 install:
 	$(PY) -m pip install -q -r requirements-dev.txt
@@ -57,24 +56,6 @@ base: data
 	$(PY) tokenizer.py train --data data/pretrain.jsonl --vocab-size $(BASE_VOCAB) --out data/tokenizer
 	$(PY) sft.py --data data/pretrain.jsonl --init scratch --tokenizer data/tokenizer --model embedded \
 	    --out base --overwrite $(BASE_FLAGS)
-	$(base_skills)
-
-# The base stage on one GPU inside a fixed time (a lent GPU's session is short): a 60-step probe measures
-# seconds per step, the run takes as many steps as fit BASE_SECONDS (its cosine schedule spans them),
-# then the base skills are measured as in `make base`.
-BASE_SECONDS ?= 360
-BASE_GPU_FLAGS ?= --batch-size 128 --lr 2e-3 --warmup-steps 200 --eval-frac 0.005 --eval-every 0 \
-                  --save-every 1000 --log-every 100 --eval-problems data/pretrain_test.jsonl --eval-problems-n 200
-base-gpu: data
-	$(PY) tokenizer.py train --data data/pretrain.jsonl --vocab-size $(BASE_VOCAB) --out data/tokenizer
-	$(PY) sft.py --data data/pretrain.jsonl --init scratch --tokenizer data/tokenizer --model embedded \
-	    --out runs/base_probe --overwrite --max-steps 60 --batch-size 128 --eval-frac 0.005 --eval-every 0 \
-	    --save-every 0 --log-every 10
-	steps=$$($(PY) -c "import json; r=[json.loads(l) for l in open('runs/base_probe/metrics.jsonl') if 'loss' in l]; \
-	    s=(r[-1]['wall_time_s']-r[0]['wall_time_s'])/(r[-1]['step']-r[0]['step']); print(int($(BASE_SECONDS)/s))") && \
-	echo "base-gpu: $$steps steps fit $(BASE_SECONDS) s" && \
-	$(PY) sft.py --data data/pretrain.jsonl --init scratch --tokenizer data/tokenizer --model embedded \
-	    --out base --overwrite --max-steps $$steps $(BASE_GPU_FLAGS)
 	$(base_skills)
 
 # Continue an interrupted base run exactly (e.g. the CPU run, a few hundred steps per sitting).

@@ -1,7 +1,8 @@
 """
 Flash attention in Triton (fused forward and backward), and the plain-math attention it is checked against.
 
-    python attention.py --bench     # on a CUDA GPU: correctness, tile sweep, timings against SDPA
+    python attention.py --bench           # on a CUDA GPU: correctness, tile sweep, timings against SDPA
+    python attention.py --build-report    # anywhere: build for sm_90, print registers / spills / shared memory
 
 What it computes. softmax(Q K^T / sqrt(D) + mask) V for q (B, H, T, D) and k, v (B, K, S, D), H a
 multiple of K (grouped-query attention: query head h reads kv head h // (H/K)). Query row i sits at
@@ -78,12 +79,12 @@ jit = triton.jit if triton is not None else (lambda fn: fn)
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 
 # Tile sizes per (kernel, head_dim): (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages); head dims
-# below 64 use the 64 row. Starting points for Hopper, picked because they build for sm_90 without register
-# spills (not yet timed); `benchmark()` times candidates and overwrites these for its process.
+# below 64 use the 64 row. The fastest of TUNE_CANDIDATES in `benchmark()`'s sweep on one H100 (B8 H32 T2048
+# causal bf16, Triton 3.6; docs/PERFORMANCE.md); `benchmark()` sweeps again and overwrites these for its process.
 TILES = {
-    ("fwd", 64): (128, 64, 4, 3), ("fwd", 128): (128, 64, 8, 3),
-    ("dkdv", 64): (64, 128, 8, 2), ("dkdv", 128): (64, 64, 8, 2),
-    ("dq", 64): (128, 64, 8, 2), ("dq", 128): (64, 64, 4, 2),
+    ("fwd", 64): (128, 64, 8, 3), ("fwd", 128): (128, 64, 8, 3),
+    ("dkdv", 64): (64, 64, 4, 3), ("dkdv", 128): (64, 128, 8, 2),
+    ("dq", 64): (64, 64, 4, 2), ("dq", 128): (128, 128, 8, 2),
 }
 INTERPRET_TILES = (16, 16, 1, 1)  # under the CPU interpreter: the smallest tile tl.dot accepts
 HEAD_DIMS = (16, 32, 64, 128)  # powers of two (tl.arange); 16 is tl.dot's minimum
@@ -635,12 +636,67 @@ def benchmark(cfg: BenchConfig = BenchConfig()) -> int:
     return 0 if all(ok for ok, _ in results) else 1
 
 
+# -----------------------------------------------------------------------------------------------
+# Build report, no GPU needed: python attention.py --build-report
+
+
+def build_report(arch: int = 90, head_dims=(64, 128)) -> list[dict]:
+    """Compile each kernel at its TILES entry (causal, bf16) for an sm_<arch> GPU on a machine without
+    one, with Triton's own compiler and the ptxas it ships, and read each binary's resource use with
+    the cuobjdump it ships. Spilled registers show up as stack bytes. It answers "does it still build
+    for Hopper, and does it spill" for an edited kernel before any GPU time is spent."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton.backends.nvidia as nvidia
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    types = {name: "*bf16" for name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ")}
+    types.update(LSE="*fp32", DELTA="*fp32", FIRST="*i32", END="*i32", qk_scale="fp32", sm_scale="fp32")
+    kernels = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+    rows = []
+    for D in head_dims:
+        for kind, fn in kernels.items():
+            BM, BN, warps, stages = TILES[(kind, max(D, 64))]
+            consts = dict(D=D, CAUSAL=True, BLOCK_M=BM, BLOCK_N=BN)
+            signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}  # rest: i32
+            t = time.time()
+            k = triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", arch, 32),
+                               options={"num_warps": warps, "num_stages": stages})
+            secs = time.time() - t
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                       text=True, check=True).stdout
+            reg, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+            rows.append(dict(kernel=kind, D=D, tiles=(BM, BN, warps, stages), registers=reg, stack_bytes=stack,
+                             shared_bytes=k.metadata.shared, compile_s=secs))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Flash attention in Triton: GPU correctness check and benchmark.")
     ap.add_argument("--bench", action="store_true", help="check against the fp32 reference, sweep tiles, time vs SDPA")
     ap.add_argument("--no-tune", dest="tune", action="store_false", help="skip the tile sweep (use TILES as written)")
     ap.add_argument("--reps", type=int, default=BenchConfig.reps)
+    ap.add_argument("--build-report", action="store_true",
+                    help="no GPU needed: build the kernels for sm_90 and print registers, spills, shared memory")
     args = ap.parse_args(argv)
+    if args.build_report:
+        if triton is None:
+            print("error: --build-report needs Triton (pip install triton)", file=sys.stderr)
+            return 2
+        print(f"triton {triton.__version__}, sm_90, causal bf16, tiles from TILES")
+        print("| kernel | D | tiles (BLOCK_M, BLOCK_N, warps, stages) | registers | stack (spill) bytes | shared KB |")
+        print("|---|---|---|---|---|---|")
+        for r in build_report():
+            print(f"| {r['kernel']} | {r['D']} | {r['tiles']} | {r['registers']} | {r['stack_bytes']} "
+                  f"| {r['shared_bytes'] / 1024:.0f} |")
+        return 0
     if not args.bench:
         ap.print_help()
         return 0

@@ -40,8 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (CONFIGS, ModelConfig, Transformer, chunked_cross_entropy, chunked_token_logprobs, generate,
-                   ours_to_hf, pick_attention_backend)
+from model import (CONFIGS, ModelConfig, Transformer, chunked_cross_entropy, chunked_token_logprobs, compiled_decode_step,
+                   generate, ours_to_hf, pick_attention_backend)
 
 
 @dataclass
@@ -422,6 +422,22 @@ def section_sample(b: Bench) -> Section:
         s, gb = b.measure(fn, 1, S.sample_repeats)
         return Cell(B * N / s, gb)
 
+    def decode_alone(B):
+        """N replays of the compiled decode step on the cache generate(compile=True) just left on the model:
+        the forward alone, without sampling and bookkeeping, i.e. what the model costs per token."""
+        S_max = -(-(P + N) // 64) * 64  # as generate(compile=True) rounds the cache
+        ours.setup_cache(B, S_max)  # the same buffers (zeroed) the graph was captured on
+        step = compiled_decode_step()
+        tok = torch.ones(B, 1, dtype=torch.long, device=dev)
+        pos, slot = torch.full((B, 1), P, device=dev), torch.tensor(P, device=dev)
+        key_mask = torch.ones(B, S_max, dtype=torch.bool, device=dev)
+
+        def run():
+            for _ in range(N):
+                torch.compiler.cudagraph_mark_step_begin()
+                step(ours, tok, pos, slot, key_mask)
+        return rate(run, B)
+
     cells = {}
     for compiled in (False, True):
         for B in S.sample_batches:
@@ -437,6 +453,9 @@ def section_sample(b: Bench) -> Section:
                 f"2. sample ours {tag} B{B}", lambda: rate(lambda: generate(
                     ours, plist, N, temperature=1.0, generator=gen, compile=compiled), B),
                 cost=60 if compiled else 15, needs_cuda=compiled)
+            if compiled:
+                cells[("alone", B)] = b.cell(f"2. decode step alone (graph replay) B{B}", lambda: decode_alone(B),
+                                             cost=10, needs_cuda=True)
             ours.caches = None
             cells[("hf", B, compiled)] = b.cell(
                 f"2. sample HF {'static cache + compiled' if compiled else 'default'} B{B}",
@@ -445,7 +464,11 @@ def section_sample(b: Bench) -> Section:
     for B in S.sample_batches:
         sec.rows.append(Row(f"sample tok/s B{B}, eager", cells[("ours", B, False)], cells[("hf", B, False)]))
         sec.rows.append(Row(f"sample tok/s B{B}, compiled", cells[("ours", B, True)], cells[("hf", B, True)]))
-    sec.notes = ["compiled: ours generate(compile=True) (decode_step as a CUDA graph); HF generate with "
+        sec.rows.append(Row(f"tok/s B{B}, our compiled decode step alone (no sampling; HF: -)", cells[("alone", B)],
+                            Cell(note="-")))
+    sec.notes = ["decode step alone: the compiled forward replayed N times, no sampling or bookkeeping: its gap to "
+                 "'compiled' is what sampling and the loop around the graph cost",
+                 "compiled: ours generate(compile=True) (decode_step as a CUDA graph); HF generate with "
                  f"cache_implementation='static' (transformers {transformers.__version__} compiles the decoding "
                  "forward itself, mode reduce-overhead)"]
     del ours, hf

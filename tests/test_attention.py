@@ -230,3 +230,20 @@ def test_model_generate_matches_math_backend():
     b = model.generate(ours, prompts, 3, temperature=0)
     assert torch.equal(a.tokens, b.tokens)
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=1e-4)
+
+
+def test_kernels_build_for_hopper_and_the_forward_does_not_spill():
+    # Compiles for sm_90 with Triton's own ptxas (no GPU): a kernel edit that no longer builds for the H100/H200
+    # fails here instead of on a lent GPU. Run without TRITON_INTERPRET, which replaces the jitted kernels.
+    import re
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "attention.py"), "--build-report"], capture_output=True,
+                       text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = re.findall(r"^\| (fwd|dkdv|dq) \| (\d+) \| \(.*?\) \| (\d+) \| (\d+) \| (\d+) \|$", r.stdout, re.M)
+    assert sorted((k, int(d)) for k, d, *_ in rows) == sorted((k, d) for k in ("fwd", "dkdv", "dq") for d in (64, 128))
+    for kernel, D, regs, stack, shared_kb in rows:
+        assert 0 < int(regs) <= 255 and 0 < int(shared_kb) <= 227, (kernel, D, regs, shared_kb)  # sm_90 limits
+        if kernel == "fwd":
+            assert int(stack) == 0, f"the forward kernel spills at D={D}: {stack} bytes"
