@@ -22,8 +22,11 @@ lse = m + log(l). We work in base 2 (exp2 is one instruction; the scale absorbs 
 
 Only key tiles that straddle a boundary (the causal diagonal, the first real key, the end of the keys)
 need the visibility mask; `_key_ranges` finds the fully visible run of tiles in between, which skip it.
-(Three loops, edge / middle / edge, would do the same, but built for sm_90 with Triton 3.9 they spilled
-registers; one loop with a branch on the tile index did not.)
+The forward has two loop structures, picked by the 5th field of its tiles (SPLIT): one loop over every
+tile with a branch on the tile index (0), or a branch-free loop over the fully visible tiles followed by
+a loop over the few edge tiles (1), whose main loop has no branch, no load bounds and no mask. Both build
+for sm_90 with pipelined loads and no spills (`--build-report`); which is faster is the GPU sweep's to say.
+(Three loops, edge / middle / edge, spilled registers when built for sm_90 with Triton 3.9.)
 
 The backward recomputes the probabilities from the saved lse (p = exp2(s - lse)) instead of storing
 them, and uses delta = rowsum(dO * O) (so dS = P * (dP - delta), the softmax Jacobian). Two kernels:
@@ -78,11 +81,12 @@ except ImportError:  # the reference and the fallback need no Triton; the kernel
 jit = triton.jit if triton is not None else (lambda fn: fn)
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 
-# Tile sizes per (kernel, head_dim): (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages); head dims
-# below 64 use the 64 row. The fastest of TUNE_CANDIDATES in `benchmark()`'s sweep on one H100 (B8 H32 T2048
-# causal bf16, Triton 3.6; docs/PERFORMANCE.md); `benchmark()` sweeps again and overwrites these for its process.
+# Tile sizes per (kernel, head_dim): (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages), and for the
+# forward a 5th field, SPLIT (its loop structure, see the module docstring); head dims below 64 use the 64
+# row. The fastest of TUNE_CANDIDATES in `benchmark()`'s sweep on one H100 (B8 H32 T2048 causal bf16, Triton
+# 3.6, before SPLIT existed; docs/PERFORMANCE.md); `benchmark()` sweeps again and overwrites these for its process.
 TILES = {
-    ("fwd", 64): (128, 64, 8, 3), ("fwd", 128): (128, 64, 8, 3),
+    ("fwd", 64): (128, 64, 8, 3, 0), ("fwd", 128): (128, 64, 8, 3, 0),
     ("dkdv", 64): (64, 64, 4, 3), ("dkdv", 128): (64, 128, 8, 2),
     ("dq", 64): (64, 64, 4, 2), ("dq", 128): (128, 128, 8, 2),
 }
@@ -141,9 +145,39 @@ def _key_ranges(first, end, slot0, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, 
 
 
 @jit
+def _fwd_tile(q, k_base, v_base, n0, offs_d, slot, first, end, sks, svs, qk_scale, m_i, l_i, acc, edge,
+              CHECK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Fold the key tile starting at n0 into the online softmax (m_i, l_i, acc). CHECK=False: the caller
+    knows every key of the tile is real and visible to every row, so no load bound and no mask. CHECK=True:
+    loads stop at `end`, and the visibility mask is applied where `edge` (a tile on the diagonal or the
+    padding edge)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    # (Tile pointers are built here from the scalar base: a pointer block kept across the loop costs registers.)
+    if CHECK:
+        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=(offs_n < end)[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=(offs_n < end)[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :])
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :])
+    s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) raw scores q.k; times qk_scale they are in log2 units
+    if CHECK:
+        if edge:
+            s = tl.where(_visible(slot[:, None], offs_n[None, :], first, end, CAUSAL), s, float("-inf"))
+    # The scale goes on the row max (qk_scale > 0 keeps the argmax) and into one multiply-add per score below,
+    # rather than a separate multiply of every score first: the softmax arithmetic is what bounds this loop.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet: avoid -inf - -inf
+    p = tl.exp2(s * qk_scale - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)  # rescales what was accumulated under the old max
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@jit
 def _fwd_kernel(Q, K, V, O, LSE, FIRST, END, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot,
                 H, G, T, S, qk_scale, D: tl.constexpr, CAUSAL: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
@@ -156,25 +190,26 @@ def _fwd_kernel(Q, K, V, O, LSE, FIRST, END, sqb, sqh, sqt, skb, skh, sks, svb, 
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=(offs_m < T)[:, None], other=0.0)
     k_base, v_base = K + b * skb + kvh * skh, V + b * svb + kvh * svh
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max of each row's scores
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max of each row's scores (log2 units)
     l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros((BLOCK_M, D), tl.float32)  # running sum of exp2(score - m_i) * v
     lo, hi, full_lo, full_hi = _key_ranges(first, end, start + m0, CAUSAL, BLOCK_M, BLOCK_N)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        # (Tile pointers are built here from the scalar base: a pointer block kept across the loop costs registers.)
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=(offs_n < end)[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=(offs_n < end)[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) scores, in log2 units
-        if (n0 < full_lo) | (n0 >= full_hi):  # a tile on the diagonal or the padding edge
-            s = tl.where(_visible(slot[:, None], offs_n[None, :], first, end, CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet: avoid -inf - -inf
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)  # rescales what was accumulated under the old max
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    if SPLIT:
+        for n0 in range(full_lo, full_hi, BLOCK_N):  # the fully visible tiles: no bounds, no mask, no branch
+            m_i, l_i, acc = _fwd_tile(q, k_base, v_base, n0, offs_d, slot, first, end, sks, svs, qk_scale,
+                                      m_i, l_i, acc, False, False, CAUSAL, BLOCK_N)
+        # The edge tiles: at most one left of the run ([lo, full_lo), the padding edge) and the ones right of
+        # it ([full_hi, hi), the diagonal or the end of the keys). The softmax does not care about the order.
+        n_left = tl.cdiv(tl.maximum(tl.minimum(full_lo, hi) - lo, 0), BLOCK_N)
+        n_edge = n_left + tl.cdiv(tl.maximum(hi - full_hi, 0), BLOCK_N)
+        for i in range(0, n_edge):
+            n0 = tl.where(i < n_left, lo + i * BLOCK_N, full_hi + (i - n_left) * BLOCK_N)
+            m_i, l_i, acc = _fwd_tile(q, k_base, v_base, n0, offs_d, slot, first, end, sks, svs, qk_scale,
+                                      m_i, l_i, acc, True, True, CAUSAL, BLOCK_N)
+    else:
+        for n0 in range(lo, hi, BLOCK_N):  # every tile, the mask only where the tile is on an edge
+            m_i, l_i, acc = _fwd_tile(q, k_base, v_base, n0, offs_d, slot, first, end, sks, svs, qk_scale,
+                                      m_i, l_i, acc, (n0 < full_lo) | (n0 >= full_hi), True, CAUSAL, BLOCK_N)
 
     real = (slot >= first) & (slot < end)  # pad rows: output 0, lse +inf (so the backward's p is 0)
     l_safe = tl.where(real, l_i, 1.0)
@@ -320,14 +355,16 @@ def _tiles(kind, D, x, tiles):
 def _flash_forward(q, k, v, first, end, causal, tiles=None):
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
-    BM, BN, warps, stages = _tiles("fwd", D, q, tiles)
+    cfg = _tiles("fwd", D, q, tiles)
+    BM, BN, warps, stages = cfg[:4]
+    split = len(cfg) > 4 and bool(cfg[4])  # the forward's 5th field: its loop structure (see _fwd_kernel)
     # Output laid out (B, T, H, D) in memory and returned as a (B, H, T, D) view, so the model's
     # transpose(1, 2).reshape(B, T, H * D) that follows is free.
     o = _empty(B, T, H, D, like=q).transpose(1, 2)
     lse = _empty(B, H, T, like=q, dtype=torch.float32)
     _fwd_kernel[(triton.cdiv(T, BM), B * H)](
         q, k, v, o, lse, first, end, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        H, H // K, T, S, LOG2E / math.sqrt(D), D=D, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
+        H, H // K, T, S, LOG2E / math.sqrt(D), D=D, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split,
         num_warps=warps, num_stages=stages)
     return o, lse
 
@@ -483,10 +520,12 @@ class BenchConfig:
     tune: bool = True  # sweep TUNE_CANDIDATES at T = max(seqs) before timing
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried per kernel: every value of {64, 128} x {4, 8} x {2, 3, 4}
-# appears, without the full product (each candidate costs a compile of a few seconds).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, SPLIT]) tried per kernel: every value of {64, 128} x {4, 8} x
+# {2, 3, 4} appears, without the full product (each candidate costs a compile of a few seconds); the forward's
+# candidates come with both loop structures.
 TUNE_CANDIDATES = {
-    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 4, 2)],
+    "fwd": [(128, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 3, 0), (64, 64, 4, 4, 0), (128, 64, 4, 2, 0),
+            (128, 64, 4, 3, 1), (128, 64, 8, 3, 1), (128, 128, 8, 3, 1), (64, 64, 4, 4, 1), (128, 64, 8, 4, 1)],
     "dkdv": [(64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
     "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (128, 128, 8, 2)],
 }
@@ -643,8 +682,9 @@ def benchmark(cfg: BenchConfig = BenchConfig()) -> int:
 def build_report(arch: int = 90, head_dims=(64, 128)) -> list[dict]:
     """Compile each kernel at its TILES entry (causal, bf16) for an sm_<arch> GPU on a machine without
     one, with Triton's own compiler and the ptxas it ships, and read each binary's resource use with
-    the cuobjdump it ships. Spilled registers show up as stack bytes. It answers "does it still build
-    for Hopper, and does it spill" for an edited kernel before any GPU time is spent."""
+    the cuobjdump it ships. Spilled registers show up as stack bytes; async copies count the cp.async
+    instructions, i.e. whether the loop's loads are pipelined through shared memory. It answers "does it
+    still build for Hopper, does it spill, is it pipelined" for an edited kernel before GPU time is spent."""
     import re
     import subprocess
     import tempfile
@@ -658,23 +698,31 @@ def build_report(arch: int = 90, head_dims=(64, 128)) -> list[dict]:
     types.update(LSE="*fp32", DELTA="*fp32", FIRST="*i32", END="*i32", qk_scale="fp32", sm_scale="fp32")
     kernels = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
     rows = []
-    for D in head_dims:
-        for kind, fn in kernels.items():
-            BM, BN, warps, stages = TILES[(kind, max(D, 64))]
-            consts = dict(D=D, CAUSAL=True, BLOCK_M=BM, BLOCK_N=BN)
-            signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}  # rest: i32
-            t = time.time()
-            k = triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", arch, 32),
-                               options={"num_warps": warps, "num_stages": stages})
-            secs = time.time() - t
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(k.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                                       text=True, check=True).stdout
-            reg, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
-            rows.append(dict(kernel=kind, D=D, tiles=(BM, BN, warps, stages), registers=reg, stack_bytes=stack,
-                             shared_bytes=k.metadata.shared, compile_s=secs))
+    jobs = [(kind, D, TILES[(kind, max(D, 64))]) for D in head_dims for kind in kernels]
+    jobs += [("fwd", D, TILES[("fwd", D)][:4] + (1 - TILES[("fwd", D)][4],)) for D in head_dims]  # the other loop
+    for kind, D, tiles in jobs:
+        fn = kernels[kind]
+        BM, BN, warps, stages = tiles[:4]
+        consts = dict(D=D, CAUSAL=True, BLOCK_M=BM, BLOCK_N=BN) | ({"SPLIT": tiles[4]} if kind == "fwd" else {})
+        signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}  # rest: i32
+        # As a launch at the benchmark's shapes specialises: pointers, strides and sizes divisible by 16
+        # (without it the loads are neither vectorised nor pipelined, and the report would describe
+        # another program); G, the query heads per kv head, and the float scales are not.
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                 if a not in consts and a not in ("G", "qk_scale", "sm_scale")}
+        t = time.time()
+        k = triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": warps, "num_stages": stages})
+        secs = time.time() - t
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                   text=True, check=True).stdout
+        reg, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+        async_copies = len(re.findall(r"cp\.async\.c[ag]\.", k.asm["ptx"]))  # loads pipelined through shared memory
+        rows.append(dict(kernel=kind, D=D, tiles=tiles, registers=reg, stack_bytes=stack, async_copies=async_copies,
+                         shared_bytes=k.metadata.shared, compile_s=secs))
     return rows
 
 
@@ -691,11 +739,12 @@ def main(argv=None):
             print("error: --build-report needs Triton (pip install triton)", file=sys.stderr)
             return 2
         print(f"triton {triton.__version__}, sm_90, causal bf16, tiles from TILES")
-        print("| kernel | D | tiles (BLOCK_M, BLOCK_N, warps, stages) | registers | stack (spill) bytes | shared KB |")
-        print("|---|---|---|---|---|---|")
+        print("| kernel | D | tiles (BLOCK_M, BLOCK_N, warps, stages[, SPLIT]) | registers | stack (spill) bytes "
+              "| async copies | shared KB |")
+        print("|---|---|---|---|---|---|---|")
         for r in build_report():
             print(f"| {r['kernel']} | {r['D']} | {r['tiles']} | {r['registers']} | {r['stack_bytes']} "
-                  f"| {r['shared_bytes'] / 1024:.0f} |")
+                  f"| {r['async_copies']} | {r['shared_bytes'] / 1024:.0f} |")
         return 0
     if not args.bench:
         ap.print_help()

@@ -68,6 +68,7 @@ def test_reference_matches_sdpa(B, H, K, T, S, D, causal, left):
 # ------------------------------------------------------------------------------------------------
 # The kernels against the reference: forward and all three gradients.
 
+SPLIT16 = {"fwd": (16, 16, 1, 1, 1), "dkdv": (16, 16, 1, 1), "dq": (16, 16, 1, 1)}
 CASES = [
     # B, H, K, T, S, D, causal, left pads, right pads, tiles (BLOCK_M, BLOCK_N, warps, stages) or None
     (1, 2, 2, 13, 13, 16, True, None, None, None),  # one tile, not full
@@ -82,6 +83,15 @@ CASES = [
     (2, 4, 2, 300, 300, 16, True, (0, 70), (0, 9),
      {"fwd": (128, 64, 4, 3), "dkdv": (64, 128, 8, 2), "dq": (64, 64, 4, 3)}),
     (1, 2, 1, 70, 300, 16, True, (130,), None, (64, 128, 4, 2)),
+    # The forward's split loops (SPLIT=1): the unmasked run, then the edge tiles left and right of it.
+    (2, 4, 2, 37, 37, 32, True, (0, 9), None, SPLIT16),  # left pads: one tile left of the run
+    (2, 4, 1, 37, 37, 16, True, (3, 20), (4, 0), SPLIT16),  # and right pads
+    (1, 2, 1, 40, 40, 16, True, (37,), None, {"fwd": (16, 32, 1, 1, 1), "dkdv": (16, 16, 1, 1), "dq": (16, 16, 1, 1)}),
+    (1, 2, 1, 21, 21, 16, False, None, None, SPLIT16),  # not causal
+    (2, 4, 2, 3, 20, 16, True, (2, 5), None, SPLIT16),  # T < S
+    (2, 2, 1, 1, 19, 32, True, (0, 18), None, SPLIT16),  # one decode step, a row with one real key
+    (2, 4, 2, 300, 300, 16, True, (0, 70), (0, 9),
+     {"fwd": (128, 64, 4, 3, 1), "dkdv": (64, 128, 8, 2), "dq": (64, 64, 4, 3)}),
 ]
 
 
@@ -94,7 +104,7 @@ def test_flash_matches_reference(B, H, K, T, S, D, causal, left, right, tiles):
     if tiles is None:
         out = flash_attention(q, k, v, mask, causal)
     else:
-        first, end = padding_bounds(mask, T, S)
+        first, end = padding_bounds(mask, T, S) if mask is not None else attention.no_padding(B, S, q.device)
         out = FlashAttention.apply(q, k, v, first, end, causal, tiles)
     assert out.stride(1) == D and out.stride(2) == H * D, "not the kernel's output (laid out (B, T, H, D))"
     do = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
@@ -233,17 +243,21 @@ def test_model_generate_matches_math_backend():
 
 
 def test_kernels_build_for_hopper_and_the_forward_does_not_spill():
-    # Compiles for sm_90 with Triton's own ptxas (no GPU): a kernel edit that no longer builds for the H100/H200
-    # fails here instead of on a lent GPU. Run without TRITON_INTERPRET, which replaces the jitted kernels.
+    # Compiles for sm_90 with Triton's own ptxas (no GPU): a kernel edit that no longer builds for the H100/H200,
+    # spills in the forward, or loses the pipelined loads fails here instead of on a lent GPU. Run without
+    # TRITON_INTERPRET, which replaces the jitted kernels.
     import re
     import subprocess
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "attention.py"), "--build-report"], capture_output=True,
                        text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    rows = re.findall(r"^\| (fwd|dkdv|dq) \| (\d+) \| \(.*?\) \| (\d+) \| (\d+) \| (\d+) \|$", r.stdout, re.M)
-    assert sorted((k, int(d)) for k, d, *_ in rows) == sorted((k, d) for k in ("fwd", "dkdv", "dq") for d in (64, 128))
-    for kernel, D, regs, stack, shared_kb in rows:
+    rows = re.findall(r"^\| (fwd|dkdv|dq) \| (\d+) \| \((.*?)\) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$", r.stdout, re.M)
+    built = sorted((k, int(d), len(t.split(","))) for k, d, t, *_ in rows)
+    both_loops = [("fwd", d, 5) for d in (64, 128)] * 2  # the forward in both loop structures
+    assert built == sorted([(k, d, 4) for k in ("dkdv", "dq") for d in (64, 128)] + both_loops), built
+    for kernel, D, tiles, regs, stack, copies, shared_kb in rows:
         assert 0 < int(regs) <= 255 and 0 < int(shared_kb) <= 227, (kernel, D, regs, shared_kb)  # sm_90 limits
+        assert int(copies) > 0, f"{kernel} D={D} {tiles}: no pipelined (cp.async) loads"
         if kernel == "fwd":
-            assert int(stack) == 0, f"the forward kernel spills at D={D}: {stack} bytes"
+            assert int(stack) == 0, f"the forward kernel spills at D={D} {tiles}: {stack} bytes"
