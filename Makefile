@@ -92,4 +92,4 @@ BENCH_OUT ?= out/bench
 bench-gpu:
 	mkdir -p $(BENCH_OUT)
 	$(PY) attention.py --bench > $(BENCH_OUT)/attention.txt 2>&1; a=$$?; cat $(BENCH_OUT)/attention.txt; \
-	$(PY) bench.py --device cuda --out $(BENCH_OUT)/bench.md; b=$$?; test $$a = 0 && test $$b = 0
+	$(PY) bench.py --device cuda --out $(BENCH_OUT)/bench.md --profile $(BENCH_OUT)/profile.txt; b=$$?; test $$a = 0 && test $$b = 0

@@ -6,6 +6,7 @@ random weights (nothing downloaded).
     python bench.py --device cuda      # GPU: the four sections below at the llama-1b shape (about 6 minutes)
     python bench.py --small            # the four sections with tiny shapes: seconds on a CPU (run by the tests)
     python bench.py --device cuda --sections 2,3 --out bench.json    # some sections, in that order; tables to a file
+    python bench.py --device cuda --sections 1,2 --profile prof.txt   # and where the time goes (torch.profiler)
 
 The sections (each a markdown table: figure | ours | HF | ratio | peak GB):
   1. training step tok/s and MFU, llama-1b, B8 T1024, bf16 autocast, fused AdamW: ours eager, with
@@ -58,6 +59,7 @@ class BenchConfig:
     sections: str = ""  # which sections to run, in this order, e.g. "2,1" ("" = all, cheapest first: RUN_ORDER)
     out: str = ""  # also write the results here: .md for the tables, anything else for JSON
     time_budget: float = -1.0  # seconds; cells that would overrun it are skipped (-1: 330 for the 1B run, else none)
+    profile: str = ""  # also write torch.profiler tables (top kernels of a training step, ours and HF; one compiled generate) here
 
 
 def sync(device):
@@ -249,11 +251,34 @@ def attempt(fn):
 class Bench:
     """Runs cells: measures them, keeps one failure from stopping the rest, enforces the time budget."""
 
-    def __init__(self, device: str, shapes: Shapes, budget: float):
-        self.device, self.S, self.budget = device, shapes, budget
+    def __init__(self, device: str, shapes: Shapes, budget: float, profile: str = ""):
+        self.device, self.S, self.budget, self.profile_path = device, shapes, budget, profile
         self.cuda = device == "cuda"
         self.t0 = time.time()
         self.checks = []  # (name, ok or None when skipped, detail)
+        if profile:
+            open(profile, "w").close()
+
+    def profile(self, label: str, fn, rows: int = 20):
+        """Append to the profile file the top `rows` operators and kernels of one fn() call (after one
+        untimed call), by time on the device (CUDA) or the CPU. Where the time goes, for the next change."""
+        if not self.profile_path:
+            return
+        from torch.profiler import ProfilerActivity, profile
+        try:
+            fn()
+            sync(self.device)
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+            with profile(activities=acts) as prof:
+                fn()
+                sync(self.device)
+            key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+            text = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+        except Exception as e:  # a profile is a diagnostic: it must not end the benchmark
+            text = error_note(e)
+        with open(self.profile_path, "a") as f:
+            f.write(f"## {label}\n\n{text}\n\n")
+        print(f"[{time.time() - self.t0:5.0f}s] profile: {label} -> {self.profile_path}", flush=True)
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda)
@@ -352,6 +377,7 @@ def section_train(b: Bench) -> Section:
         return tput(step, S.warmup + 1)
 
     eager = b.cell("1. train ours eager", lambda: tput(ours_step, S.warmup), cost=20)
+    b.profile(f"1. training step, ours eager ({S.config}, B{B} T{T})", ours_step)
     triton = b.cell("1. train ours attn=triton", with_triton, cost=40)
     ours_c = b.cell("1. train ours compiled", lambda: compiled(ours.model.layers, ours_step), cost=90, needs_cuda=True)
     hf, err = attempt(lambda: hf_twin(ours, torch.float32).train())
@@ -368,6 +394,8 @@ def section_train(b: Bench) -> Section:
         opt.zero_grad(set_to_none=True)
 
     hf_eager = b.cell("1. train HF eager", lambda: err or tput(hf_step, S.warmup), cost=20)
+    if err is None:
+        b.profile(f"1. training step, HF eager ({S.config}, B{B} T{T})", hf_step)
     hf_c = b.cell("1. train HF compiled", lambda: err or compiled(hf.model.layers, hf_step), cost=90, needs_cuda=True)
     del hf, opt
     torch._dynamo.reset()
@@ -453,6 +481,9 @@ def section_sample(b: Bench) -> Section:
                 f"2. sample ours {tag} B{B}", lambda: rate(lambda: generate(
                     ours, plist, N, temperature=1.0, generator=gen, compile=compiled), B),
                 cost=60 if compiled else 15, needs_cuda=compiled)
+            if compiled and b.cuda:
+                b.profile(f"2. generate(compile=True), B{B}, {N} tokens", lambda: generate(
+                    ours, plist, N, temperature=1.0, generator=gen, compile=True))
             if compiled:
                 cells[("alone", B)] = b.cell(f"2. decode step alone (graph replay) B{B}", lambda: decode_alone(B),
                                              cost=10, needs_cuda=True)
@@ -646,7 +677,7 @@ def run_sections(cfg: BenchConfig, device: str) -> int:
     transformers.logging.set_verbosity_error()
     S = replace(SMALL if cfg.small else Shapes(), config=cfg.config or "llama-1b")
     budget = cfg.time_budget if cfg.time_budget >= 0 else (0.0 if cfg.small else 330.0)
-    b = Bench(device, S, budget)
+    b = Bench(device, S, budget, cfg.profile)
     order = [x.strip() for x in cfg.sections.split(",") if x.strip()]
     if any(x not in {str(n) for n in SECTIONS} for x in order):
         print(f"error: --sections {cfg.sections}: expected numbers from {sorted(SECTIONS)}, e.g. 2,1", file=sys.stderr)

@@ -249,14 +249,19 @@ def test_bench_small_runs_every_section(tmp_path):
     assert saved["markdown"].count("| figure") == 4
 
 
-def test_bench_sections_run_in_the_order_given_and_bad_ones_are_refused():
+def test_bench_sections_run_in_the_order_given_and_bad_ones_are_refused(tmp_path):
     pytest.importorskip("transformers")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = lambda *a: subprocess.run([sys.executable, str(ROOT / "bench.py"), "--small", *a], capture_output=True,
                                     text=True, cwd=ROOT, timeout=600, env=env)
-    r = run("--sections", "3,1")
+    prof = tmp_path / "prof.txt"
+    r = run("--sections", "3,1", "--profile", str(prof))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     heads = re.findall(r"^### (\d)\. ", r.stdout, re.M)
     assert heads == ["3", "1"], heads
+    # --profile: one table per side of the training step, each naming the matmuls it spent time in
+    tables = prof.read_text().split("## ")[1:]
+    assert [t.split(",")[1].strip() for t in tables] == ["ours eager (llama-1b", "HF eager (llama-1b"], tables
+    assert all("aten::mm" in t for t in tables)
     r = run("--sections", "2,x")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--sections 2,x" in r.stderr, r.stderr
