@@ -59,7 +59,7 @@ class BenchConfig:
     sections: str = ""  # which sections to run, in this order, e.g. "2,1" ("" = all, cheapest first: RUN_ORDER)
     out: str = ""  # also write the results here: .md for the tables, anything else for JSON
     time_budget: float = -1.0  # seconds; cells that would overrun it are skipped (-1: 330 for the 1B run, else none)
-    profile: str = ""  # also write torch.profiler tables (top kernels of a training step, ours and HF; one compiled generate) here
+    profile: str = ""  # also write torch.profiler tables here (a training step, ours and HF; one compiled generate)
 
 
 def sync(device):
@@ -354,10 +354,10 @@ def section_train(b: Bench) -> Section:
         tps = B * T / s
         return Cell(tps, gb, extra=f"{100 * tps * flops_tok / peak:.1f}% MFU" if peak else "")
 
-    def ours_step():
+    def ours_step(fused=b.cuda):  # fused: the loss's gradients computed in its forward (as sft.py on CUDA)
         with b.autocast():
             h = ours(ids, logits=False)
-            total, n = chunked_cross_entropy(h[:, :-1], ours.lm_head_weight, ids[:, 1:], S.chunk_rows)
+            total, n = chunked_cross_entropy(h[:, :-1], ours.lm_head_weight, ids[:, 1:], S.chunk_rows, fused=fused)
         (total / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -378,6 +378,8 @@ def section_train(b: Bench) -> Section:
 
     eager = b.cell("1. train ours eager", lambda: tput(ours_step, S.warmup), cost=20)
     b.profile(f"1. training step, ours eager ({S.config}, B{B} T{T})", ours_step)
+    recomputed = b.cell("1. train ours eager, loss recomputed in the backward",
+                        lambda: tput(lambda: ours_step(fused=False), S.warmup), cost=20, needs_cuda=True)
     triton = b.cell("1. train ours attn=triton", with_triton, cost=40)
     ours_c = b.cell("1. train ours compiled", lambda: compiled(ours.model.layers, ours_step), cost=90, needs_cuda=True)
     hf, err = attempt(lambda: hf_twin(ours, torch.float32).train())
@@ -400,8 +402,10 @@ def section_train(b: Bench) -> Section:
     del hf, opt
     torch._dynamo.reset()
     sec.rows = [Row("train tok/s, eager", eager, hf_eager), Row("train tok/s, compiled", ours_c, hf_c),
+                Row("train tok/s, ours eager with the checkpointed (recomputing) loss", recomputed, hf_eager),
                 Row("train tok/s, ours attn=triton vs HF eager", triton, hf_eager)]
-    sec.notes = ["ours: model.chunked_cross_entropy on forward(logits=False); HF: its own loss from labels",
+    sec.notes = ["ours: model.chunked_cross_entropy on forward(logits=False), fused on CUDA (gradients computed in "
+                 "its forward); HF: its own loss from labels",
                  "compiled: torch.compile of each decoder layer (Block / LlamaDecoderLayer), eager elsewhere"]
     return sec
 

@@ -517,7 +517,10 @@ def train(cfg: SFTConfig):
         for m, (x, y) in enumerate(micro):
             with no_grad_sync(wrapped, skip=m < len(micro) - 1), autocast:
                 hidden = fwd(x, logits=False)  # (B, T, d): the (B, T, V) logits exist one chunk at a time
-                loss = chunked_cross_entropy(hidden, model.lm_head_weight, y)[0] / n_tgt
+                # fused on CUDA: the loss's gradients are computed in its forward (no recompute); FSDP's
+                # sharded weight takes the checkpointed path
+                fused = device == "cuda" and not cfg.fsdp
+                loss = chunked_cross_entropy(hidden, model.lm_head_weight, y, fused=fused)[0] / n_tgt
                 (loss * world).backward()
             loss_sum += loss.detach()
             tok_log += x.numel()

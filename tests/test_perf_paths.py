@@ -204,11 +204,12 @@ def test_model_hidden_only_forward_and_chunked_loss_equal_full_logits_loss():
         targets = ids[:, 1:].masked_fill(am[:, 1:] == 0, -100)
         ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
         ref_grads = torch.autograd.grad(ref, list(m.parameters()))
-        total, n = chunked_cross_entropy(h_only[:, :-1], m.lm_head_weight, targets, chunk_rows=8)
-        grads = torch.autograd.grad(total / n, list(m.parameters()))
-        assert abs((total / n).item() - ref.item()) <= 1e-5
-        for a, b in zip(grads, ref_grads):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        for fused in (False, True):  # tied: the fused path's dweight joins the embedding's own gradient
+            total, n = chunked_cross_entropy(h_only[:, :-1], m.lm_head_weight, targets, chunk_rows=8, fused=fused)
+            grads = torch.autograd.grad(total / n, list(m.parameters()), retain_graph=True)
+            assert abs((total / n).item() - ref.item()) <= 1e-5
+            for a, b in zip(grads, ref_grads):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_chunked_losses_under_bf16_autocast():
@@ -265,3 +266,38 @@ def test_bench_sections_run_in_the_order_given_and_bad_ones_are_refused(tmp_path
     assert all("aten::mm" in t for t in tables)
     r = run("--sections", "2,x")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--sections 2,x" in r.stderr, r.stderr
+
+
+def test_fused_cross_entropy_equals_the_checkpointed_one_and_full_logits():
+    # fused=True computes both gradients in the forward (CUDA's path); checked here against F.cross_entropy
+    # on full logits, with ignored rows, a last chunk shorter than the others, and a frozen weight.
+    B, T, d, V = 3, 37, 48, 101
+    hidden = rand(B, T, d, seed=40).requires_grad_()
+    weight = (rand(V, d, seed=41) * 0.3).requires_grad_()
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(42))
+    targets[0, :20] = -100
+    targets[2, 5] = -100
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = F.cross_entropy((h2 @ w2.T).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    rh, rw = torch.autograd.grad(ref, (h2, w2))
+    total, count = chunked_cross_entropy(hidden, weight, targets, chunk_rows=16, fused=True)
+    assert total.grad_fn is not None and "LinearCrossEntropy" in type(total.grad_fn).__name__
+    gh, gw = torch.autograd.grad(total / count, (hidden, weight))
+    assert abs((total / count).item() - ref.item()) <= 1e-5
+    torch.testing.assert_close(gh, rh, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-5)
+    assert gh[0, :20].abs().sum() == 0
+    # frozen weight: only dh; no gradient wanted: the plain forward, same loss
+    (gh2,) = torch.autograd.grad(chunked_cross_entropy(hidden, weight.detach(), targets, 16, fused=True)[0] / count,
+                                 (hidden,))
+    torch.testing.assert_close(gh2, rh, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        plain = chunked_cross_entropy(hidden, weight, targets, chunk_rows=16, fused=True)[0]
+    assert plain.grad_fn is None and abs(plain.item() - total.item()) <= 1e-4
+    # under bf16 autocast: within bf16 rounding of the checkpointed path's gradients
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = torch.autograd.grad(chunked_cross_entropy(hidden, weight, targets, 16, fused=True)[0] / count,
+                                (hidden, weight))
+        b = torch.autograd.grad(chunked_cross_entropy(hidden, weight, targets, 16)[0] / count, (hidden, weight))
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and ((x - y).norm() / y.norm()).item() < 2e-2
