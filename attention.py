@@ -170,7 +170,7 @@ def _fwd_tile(q, k_base, v_base, n0, offs_d, slot, first, end, sks, svs, qk_scal
     p = tl.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)  # rescales what was accumulated under the old max
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # the product accumulates into acc (in place on Hopper)
     return m_new, l_i, acc
 
 
@@ -284,10 +284,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, FIRST, END, sqb, sqh, sqt,
             if (m0 < full_lo) | (m0 >= full_hi):
                 sT = tl.where(_visible(start + offs_m[None, :], offs_n[:, None], first, end, CAUSAL), sT, float("-inf"))
             pT = tl.exp2(sT - lse[None, :])  # the probabilities, recomputed
-            dv += tl.dot(pT.to(do.dtype), do)
+            dv = tl.dot(pT.to(do.dtype), do, dv)  # accumulate in the product, not by a separate add
             dpT = tl.dot(v, tl.trans(do))
             dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(q.dtype), q)
+            dk = tl.dot(dsT.to(q.dtype), q, dk)
     tl.store(DK + b * sdkb + kvh * sdkh + offs_n[:, None] * sdks + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=key_in)
     tl.store(DV + b * sdvb + kvh * sdvh + offs_n[:, None] * sdvs + offs_d[None, :],
@@ -325,7 +325,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, FIRST, END, sqb, sqh, sqt, skb, 
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq = tl.dot(ds.to(k.dtype), k, dq)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=inb[:, None])
 
