@@ -22,10 +22,13 @@ lse = m + log(l). We work in base 2 (exp2 is one instruction; the scale absorbs 
 
 Only key tiles that straddle a boundary (the causal diagonal, the first real key, the end of the keys)
 need the visibility mask; `_key_ranges` finds the fully visible run of tiles in between, which skip it.
-The forward has two loop structures, picked by the 5th field of its tiles (SPLIT): one loop over every
-tile with a branch on the tile index (0), or a branch-free loop over the fully visible tiles followed by
-a loop over the few edge tiles (1), whose main loop has no branch, no load bounds and no mask. Both build
-for sm_90 with pipelined loads and no spills (`--build-report`); which is faster is the GPU sweep's to say.
+The forward comes in four variants, picked by the 5th field of its tiles (bits SPLIT and TMA). SPLIT:
+one loop over every tile with a branch on the tile index (0), or a branch-free loop over the fully
+visible tiles followed by a loop over the few edge tiles (1), whose main loop has no branch, no load
+bounds and no mask. TMA: K/V tiles loaded by the program's own warps through cp.async (0), or fetched
+by Hopper's bulk tensor copy engine from host-made tensor descriptors (1), which frees those warps and
+registers for the softmax. All four build for sm_90 without spilling (`--build-report`); which is
+fastest is the GPU sweep's to say.
 (Three loops, edge / middle / edge, spilled registers when built for sm_90 with Triton 3.9.)
 
 The backward recomputes the probabilities from the saved lse (p = exp2(s - lse)) instead of storing
@@ -72,6 +75,7 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # the reference and the fallback need no Triton; the kernels below are never launched
     triton = None
 
@@ -82,9 +86,9 @@ jit = triton.jit if triton is not None else (lambda fn: fn)
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 
 # Tile sizes per (kernel, head_dim): (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages), and for the
-# forward a 5th field, SPLIT (its loop structure, see the module docstring); head dims below 64 use the 64
+# forward a 5th field, its variant: SPLIT + 2 * TMA (see the module docstring); head dims below 64 use the 64
 # row. The fastest of TUNE_CANDIDATES in `benchmark()`'s sweep on one H100 (B8 H32 T2048 causal bf16, Triton
-# 3.6, before SPLIT existed; docs/PERFORMANCE.md); `benchmark()` sweeps again and overwrites these for its process.
+# 3.6, when only variant 0 existed; docs/PERFORMANCE.md); `benchmark()` sweeps again and overwrites these.
 TILES = {
     ("fwd", 64): (128, 64, 8, 3, 0), ("fwd", 128): (128, 64, 8, 3, 0),
     ("dkdv", 64): (64, 64, 4, 3), ("dkdv", 128): (64, 128, 8, 2),
@@ -145,15 +149,19 @@ def _key_ranges(first, end, slot0, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, 
 
 
 @jit
-def _fwd_tile(q, k_base, v_base, n0, offs_d, slot, first, end, sks, svs, qk_scale, m_i, l_i, acc, edge,
-              CHECK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_tile(q, k_base, v_base, b, kvh, n0, offs_d, slot, first, end, sks, svs, qk_scale, m_i, l_i, acc, edge,
+              CHECK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
     """Fold the key tile starting at n0 into the online softmax (m_i, l_i, acc). CHECK=False: the caller
     knows every key of the tile is real and visible to every row, so no load bound and no mask. CHECK=True:
     loads stop at `end`, and the visibility mask is applied where `edge` (a tile on the diagonal or the
-    padding edge)."""
+    padding edge). TMA: k_base / v_base are tensor descriptors of K / V (B, K, S, D) and the tile is one
+    bulk copy; keys past S read as 0 and keys in [end, S) are masked like any other edge."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     # (Tile pointers are built here from the scalar base: a pointer block kept across the loop costs registers.)
-    if CHECK:
+    if TMA:
+        k = k_base.load([b.to(tl.int32), kvh, n0, 0]).reshape(BLOCK_N, D)  # descriptor coordinates are int32
+        v = v_base.load([b.to(tl.int32), kvh, n0, 0]).reshape(BLOCK_N, D)
+    elif CHECK:
         k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=(offs_n < end)[:, None], other=0.0)
         v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=(offs_n < end)[:, None], other=0.0)
     else:
@@ -177,7 +185,8 @@ def _fwd_tile(q, k_base, v_base, n0, offs_d, slot, first, end, sks, svs, qk_scal
 @jit
 def _fwd_kernel(Q, K, V, O, LSE, FIRST, END, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot,
                 H, G, T, S, qk_scale, D: tl.constexpr, CAUSAL: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr):
+    # TMA: K and V arrive as tensor descriptors (B, K, S, D) with (1, 1, BLOCK_N, D) blocks, not pointers.
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
@@ -188,7 +197,10 @@ def _fwd_kernel(Q, K, V, O, LSE, FIRST, END, sqb, sqh, sqt, skb, skh, sks, svb, 
     offs_d = tl.arange(0, D)
     slot = start + offs_m
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=(offs_m < T)[:, None], other=0.0)
-    k_base, v_base = K + b * skb + kvh * skh, V + b * svb + kvh * svh
+    if TMA:
+        k_base, v_base = K, V
+    else:
+        k_base, v_base = K + b * skb + kvh * skh, V + b * svb + kvh * svh
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max of each row's scores (log2 units)
     l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(score - m_i)
@@ -196,20 +208,20 @@ def _fwd_kernel(Q, K, V, O, LSE, FIRST, END, sqb, sqh, sqt, skb, skh, sks, svb, 
     lo, hi, full_lo, full_hi = _key_ranges(first, end, start + m0, CAUSAL, BLOCK_M, BLOCK_N)
     if SPLIT:
         for n0 in range(full_lo, full_hi, BLOCK_N):  # the fully visible tiles: no bounds, no mask, no branch
-            m_i, l_i, acc = _fwd_tile(q, k_base, v_base, n0, offs_d, slot, first, end, sks, svs, qk_scale,
-                                      m_i, l_i, acc, False, False, CAUSAL, BLOCK_N)
+            m_i, l_i, acc = _fwd_tile(q, k_base, v_base, b, kvh, n0, offs_d, slot, first, end, sks, svs, qk_scale,
+                                      m_i, l_i, acc, False, False, CAUSAL, BLOCK_N, D, TMA)
         # The edge tiles: at most one left of the run ([lo, full_lo), the padding edge) and the ones right of
         # it ([full_hi, hi), the diagonal or the end of the keys). The softmax does not care about the order.
         n_left = tl.cdiv(tl.maximum(tl.minimum(full_lo, hi) - lo, 0), BLOCK_N)
         n_edge = n_left + tl.cdiv(tl.maximum(hi - full_hi, 0), BLOCK_N)
         for i in range(0, n_edge):
             n0 = tl.where(i < n_left, lo + i * BLOCK_N, full_hi + (i - n_left) * BLOCK_N)
-            m_i, l_i, acc = _fwd_tile(q, k_base, v_base, n0, offs_d, slot, first, end, sks, svs, qk_scale,
-                                      m_i, l_i, acc, True, True, CAUSAL, BLOCK_N)
+            m_i, l_i, acc = _fwd_tile(q, k_base, v_base, b, kvh, n0, offs_d, slot, first, end, sks, svs, qk_scale,
+                                      m_i, l_i, acc, True, True, CAUSAL, BLOCK_N, D, TMA)
     else:
         for n0 in range(lo, hi, BLOCK_N):  # every tile, the mask only where the tile is on an edge
-            m_i, l_i, acc = _fwd_tile(q, k_base, v_base, n0, offs_d, slot, first, end, sks, svs, qk_scale,
-                                      m_i, l_i, acc, (n0 < full_lo) | (n0 >= full_hi), True, CAUSAL, BLOCK_N)
+            m_i, l_i, acc = _fwd_tile(q, k_base, v_base, b, kvh, n0, offs_d, slot, first, end, sks, svs, qk_scale,
+                                      m_i, l_i, acc, (n0 < full_lo) | (n0 >= full_hi), True, CAUSAL, BLOCK_N, D, TMA)
 
     real = (slot >= first) & (slot < end)  # pad rows: output 0, lse +inf (so the backward's p is 0)
     l_safe = tl.where(real, l_i, 1.0)
@@ -352,20 +364,29 @@ def _tiles(kind, D, x, tiles):
     return INTERPRET_TILES if not x.is_cuda else TILES[(kind, max(D, 64))]
 
 
+def _tma_aligned(t) -> bool:
+    return t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+
+
 def _flash_forward(q, k, v, first, end, causal, tiles=None):
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
     cfg = _tiles("fwd", D, q, tiles)
     BM, BN, warps, stages = cfg[:4]
-    split = len(cfg) > 4 and bool(cfg[4])  # the forward's 5th field: its loop structure (see _fwd_kernel)
+    variant = cfg[4] if len(cfg) > 4 else 0  # the forward's 5th field: bit 0 SPLIT, bit 1 TMA (see TILES)
+    kk, vv = k, v
+    if variant & 2 and not all(_tma_aligned(t) for t in (k, v)):
+        variant &= 1  # the copy engine needs 16-byte aligned bases and strides; the warps' loads do not
+    if variant & 2:  # K/V tiles by the bulk tensor copy engine: host-side descriptors with the tile's block shape
+        kk, vv = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BN, D]) for t in (k, v))
     # Output laid out (B, T, H, D) in memory and returned as a (B, H, T, D) view, so the model's
     # transpose(1, 2).reshape(B, T, H * D) that follows is free.
     o = _empty(B, T, H, D, like=q).transpose(1, 2)
     lse = _empty(B, H, T, like=q, dtype=torch.float32)
     _fwd_kernel[(triton.cdiv(T, BM), B * H)](
-        q, k, v, o, lse, first, end, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        H, H // K, T, S, LOG2E / math.sqrt(D), D=D, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split,
-        num_warps=warps, num_stages=stages)
+        q, kk, vv, o, lse, first, end, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        H, H // K, T, S, LOG2E / math.sqrt(D), D=D, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
+        SPLIT=bool(variant & 1), TMA=bool(variant & 2), num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -520,12 +541,13 @@ class BenchConfig:
     tune: bool = True  # sweep TUNE_CANDIDATES at T = max(seqs) before timing
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages[, SPLIT]) tried per kernel: every value of {64, 128} x {4, 8} x
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant]) tried per kernel: every value of {64, 128} x {4, 8} x
 # {2, 3, 4} appears, without the full product (each candidate costs a compile of a few seconds); the forward's
-# candidates come with both loop structures.
+# candidates come in its four variants.
 TUNE_CANDIDATES = {
     "fwd": [(128, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 3, 0), (64, 64, 4, 4, 0), (128, 64, 4, 2, 0),
-            (128, 64, 4, 3, 1), (128, 64, 8, 3, 1), (128, 128, 8, 3, 1), (64, 64, 4, 4, 1), (128, 64, 8, 4, 1)],
+            (128, 64, 4, 3, 1), (128, 64, 8, 3, 1), (128, 128, 8, 3, 1), (64, 64, 4, 4, 1), (128, 64, 8, 4, 1),
+            (128, 64, 8, 3, 2), (128, 128, 8, 3, 2), (128, 64, 8, 3, 3), (128, 128, 8, 3, 3), (128, 64, 8, 4, 3)],
     "dkdv": [(64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
     "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (128, 128, 8, 2)],
 }
@@ -546,9 +568,13 @@ def _cuda_ms(fn, reps):
     return sorted(times)[len(times) // 2]
 
 
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: check() under the interpreter, in the tests
+
+
 def _inputs(B, H, K, T, S, D, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.randn(shape, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    g = torch.Generator(device=_device()).manual_seed(seed)
+    return [torch.randn(shape, device=_device(), dtype=dtype, generator=g).requires_grad_()
             for shape in ((B, H, T, D), (B, K, S, D), (B, K, S, D))]
 
 
@@ -578,12 +604,13 @@ def tune(cfg: BenchConfig):
             print(f"  {kind:>4} D={D:<3}: {listed}  -> chosen {best[1]}")
 
 
-def check(B, H, K, T, S, D, causal, dtype, left=None, right=None):
+def check(B, H, K, T, S, D, causal, dtype, left=None, right=None, tiles=None):
     """Ours vs the fp32 reference on fresh inputs: relative error of out, dq, dk, dv on real rows, every
-    output written (outputs start NaN-filled), pad rows exactly 0. Returns (ok, message)."""
+    output written (outputs start NaN-filled), pad rows exactly 0. tiles: as FlashAttention's (None: TILES).
+    Returns (ok, message)."""
     global FILL_NAN
     q, k, v = _inputs(B, H, K, T, S, D, dtype, seed=T * 7 + S)
-    key_mask = torch.ones(B, S, dtype=torch.bool, device="cuda")
+    key_mask = torch.ones(B, S, dtype=torch.bool, device=_device())
     for b in range(B):
         key_mask[b, :(left or [0] * B)[b]] = False
         key_mask[b, S - (right or [0] * B)[b]:] = False
@@ -592,11 +619,11 @@ def check(B, H, K, T, S, D, causal, dtype, left=None, right=None):
         from model import causal_mask
         mask = causal_mask(key_mask, S - T, T)
     real = key_mask[:, S - T:][:, None, :, None]  # (B, 1, T, 1)
-    bounds = padding_bounds(mask, T, S) if mask is not None else no_padding(B, S, "cuda")
+    bounds = padding_bounds(mask, T, S) if mask is not None else no_padding(B, S, _device())
     assert bounds is not None, "the model's mask was not recognised"
     FILL_NAN = True
     try:
-        out = FlashAttention.apply(q, k, v, bounds[0], bounds[1], causal, None)
+        out = FlashAttention.apply(q, k, v, bounds[0], bounds[1], causal, tiles)
         do = torch.randn_like(out)
         grads = torch.autograd.grad(out, (q, k, v), do)
     finally:
@@ -609,8 +636,9 @@ def check(B, H, K, T, S, D, causal, dtype, left=None, right=None):
     finite = all(torch.isfinite(t).all().item() for t in (out, *grads))
     pad_zero = (out * ~real).abs().max().item() == 0 and (grads[0] * ~real).abs().max().item() == 0
     ok = finite and pad_zero and errs[0] < 1e-2 and max(errs[1:]) < 2e-2
+    variant = f" forward variant {tiles['fwd'][4]}" if tiles else ""
     msg = (f"B{B} H{H} K{K} T{T} S{S} D{D} {'causal' if causal else 'full'} {str(dtype)[6:]} left={left} "
-           f"right={right}: rel err out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} dv {errs[3]:.1e}, "
+           f"right={right}{variant}: rel err out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} dv {errs[3]:.1e}, "
            f"all written {finite}, pad rows 0 {pad_zero} -> {'PASS' if ok else 'FAIL'}")
     return ok, msg
 
@@ -629,6 +657,9 @@ def benchmark(cfg: BenchConfig = BenchConfig()) -> int:
                check(2, 8, 2, 5, 500, 128, True, torch.bfloat16, left=[0, 37]),
                check(3, 8, 1, 1, 333, 64, True, torch.bfloat16, left=[0, 5, 200]),
                check(4, 6, 2, 300, 300, 32, True, torch.bfloat16, left=[0, 50, 0, 299])]  # model.py's "embedded" heads
+    for variant in range(4):  # every forward variant the sweep may pick, on a padded GQA case
+        tiles = {"fwd": TILES[("fwd", 64)][:4] + (variant,), "dkdv": TILES[("dkdv", 64)], "dq": TILES[("dq", 64)]}
+        results.append(check(2, 8, 2, 777, 777, 64, True, torch.bfloat16, left=[0, 100], right=[30, 0], tiles=tiles))
     # As the model calls it under bf16 autocast: q, k in fp32 (RoPE promotes them), v in bf16.
     q, k, v = _inputs(2, 8, 2, 256, 256, 64, torch.float32)
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -699,17 +730,23 @@ def build_report(arch: int = 90, head_dims=(64, 128)) -> list[dict]:
     kernels = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
     rows = []
     jobs = [(kind, D, TILES[(kind, max(D, 64))]) for D in head_dims for kind in kernels]
-    jobs += [("fwd", D, TILES[("fwd", D)][:4] + (1 - TILES[("fwd", D)][4],)) for D in head_dims]  # the other loop
+    jobs += [("fwd", D, TILES[("fwd", D)][:4] + (v,)) for D in head_dims for v in range(4)  # the other variants
+             if v != TILES[("fwd", D)][4]]
     for kind, D, tiles in jobs:
         fn = kernels[kind]
         BM, BN, warps, stages = tiles[:4]
-        consts = dict(D=D, CAUSAL=True, BLOCK_M=BM, BLOCK_N=BN) | ({"SPLIT": tiles[4]} if kind == "fwd" else {})
-        signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}  # rest: i32
+        consts = dict(D=D, CAUSAL=True, BLOCK_M=BM, BLOCK_N=BN)
+        arg_types = dict(types)
+        if kind == "fwd":
+            consts.update(SPLIT=bool(tiles[4] & 1), TMA=bool(tiles[4] & 2))
+            if consts["TMA"]:  # K and V as tensor descriptors with the tile's block shape
+                arg_types.update(K=f"tensordesc<bf16[1,1,{BN},{D}]>", V=f"tensordesc<bf16[1,1,{BN},{D}]>")
+        signature = {a: "constexpr" if a in consts else arg_types.get(a, "i32") for a in fn.arg_names}  # rest: i32
         # As a launch at the benchmark's shapes specialises: pointers, strides and sizes divisible by 16
         # (without it the loads are neither vectorised nor pipelined, and the report would describe
         # another program); G, the query heads per kv head, and the float scales are not.
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                 if a not in consts and a not in ("G", "qk_scale", "sm_scale")}
+                 if a not in consts and a not in ("G", "qk_scale", "sm_scale") and "tensordesc" not in signature[a]}
         t = time.time()
         k = triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": warps, "num_stages": stages})
@@ -720,7 +757,8 @@ def build_report(arch: int = 90, head_dims=(64, 128)) -> list[dict]:
             usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
                                    text=True, check=True).stdout
         reg, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
-        async_copies = len(re.findall(r"cp\.async\.c[ag]\.", k.asm["ptx"]))  # loads pipelined through shared memory
+        # loads pipelined through shared memory: cp.async by the warps, or bulk tensor copies (TMA)
+        async_copies = len(re.findall(r"cp\.async\.(?:c[ag]|bulk\.tensor)\.", k.asm["ptx"]))
         rows.append(dict(kernel=kind, D=D, tiles=tiles, registers=reg, stack_bytes=stack, async_copies=async_copies,
                          shared_bytes=k.metadata.shared, compile_s=secs))
     return rows
@@ -739,7 +777,7 @@ def main(argv=None):
             print("error: --build-report needs Triton (pip install triton)", file=sys.stderr)
             return 2
         print(f"triton {triton.__version__}, sm_90, causal bf16, tiles from TILES")
-        print("| kernel | D | tiles (BLOCK_M, BLOCK_N, warps, stages[, SPLIT]) | registers | stack (spill) bytes "
+        print("| kernel | D | tiles (BLOCK_M, BLOCK_N, warps, stages[, variant]) | registers | stack (spill) bytes "
               "| async copies | shared KB |")
         print("|---|---|---|---|---|---|---|")
         for r in build_report():

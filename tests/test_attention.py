@@ -69,6 +69,8 @@ def test_reference_matches_sdpa(B, H, K, T, S, D, causal, left):
 # The kernels against the reference: forward and all three gradients.
 
 SPLIT16 = {"fwd": (16, 16, 1, 1, 1), "dkdv": (16, 16, 1, 1), "dq": (16, 16, 1, 1)}
+TMA16 = {"fwd": (16, 16, 1, 1, 2), "dkdv": (16, 16, 1, 1), "dq": (16, 16, 1, 1)}
+SPLIT_TMA16 = {"fwd": (16, 16, 1, 1, 3), "dkdv": (16, 16, 1, 1), "dq": (16, 16, 1, 1)}
 CASES = [
     # B, H, K, T, S, D, causal, left pads, right pads, tiles (BLOCK_M, BLOCK_N, warps, stages) or None
     (1, 2, 2, 13, 13, 16, True, None, None, None),  # one tile, not full
@@ -92,6 +94,15 @@ CASES = [
     (2, 2, 1, 1, 19, 32, True, (0, 18), None, SPLIT16),  # one decode step, a row with one real key
     (2, 4, 2, 300, 300, 16, True, (0, 70), (0, 9),
      {"fwd": (128, 64, 4, 3, 1), "dkdv": (64, 128, 8, 2), "dq": (64, 64, 4, 3)}),
+    # K/V through tensor descriptors (TMA), one loop (variant 2) and split loops (3): keys past S read as 0,
+    # keys in [end, S) masked as edges.
+    (2, 4, 2, 37, 37, 32, True, (0, 9), (0, 5), TMA16),
+    (2, 4, 1, 37, 37, 16, True, (3, 20), (4, 0), SPLIT_TMA16),
+    (1, 2, 1, 21, 21, 16, False, None, None, SPLIT_TMA16),
+    (2, 4, 2, 3, 20, 16, True, (2, 5), None, TMA16),
+    (2, 2, 1, 1, 19, 32, True, (0, 18), None, SPLIT_TMA16),
+    (2, 4, 2, 300, 300, 16, True, (0, 70), (0, 9),
+     {"fwd": (128, 64, 4, 3, 3), "dkdv": (64, 128, 8, 2), "dq": (64, 64, 4, 3)}),
 ]
 
 
@@ -254,10 +265,22 @@ def test_kernels_build_for_hopper_and_the_forward_does_not_spill():
     assert r.returncode == 0, r.stdout + r.stderr
     rows = re.findall(r"^\| (fwd|dkdv|dq) \| (\d+) \| \((.*?)\) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$", r.stdout, re.M)
     built = sorted((k, int(d), len(t.split(","))) for k, d, t, *_ in rows)
-    both_loops = [("fwd", d, 5) for d in (64, 128)] * 2  # the forward in both loop structures
-    assert built == sorted([(k, d, 4) for k in ("dkdv", "dq") for d in (64, 128)] + both_loops), built
+    variants = [("fwd", d, 5) for d in (64, 128)] * 4  # the forward in its four variants
+    assert built == sorted([(k, d, 4) for k in ("dkdv", "dq") for d in (64, 128)] + variants), built
     for kernel, D, tiles, regs, stack, copies, shared_kb in rows:
         assert 0 < int(regs) <= 255 and 0 < int(shared_kb) <= 227, (kernel, D, regs, shared_kb)  # sm_90 limits
         assert int(copies) > 0, f"{kernel} D={D} {tiles}: no pipelined (cp.async) loads"
         if kernel == "fwd":
             assert int(stack) == 0, f"the forward kernel spills at D={D} {tiles}: {stack} bytes"
+
+
+def test_the_gpu_check_itself_passes_every_forward_variant_and_fails_a_wrong_kernel(monkeypatch):
+    # attention.check() is what `--bench` runs on a GPU before timing; here it runs under the interpreter.
+    for variant in range(4):
+        tiles = {"fwd": (16, 16, 1, 1, variant), "dkdv": (16, 16, 1, 1), "dq": (16, 16, 1, 1)}
+        ok, msg = attention.check(2, 4, 2, 37, 37, 16, True, torch.float32, left=[0, 9], right=[5, 0], tiles=tiles)
+        assert ok and f"forward variant {variant}" in msg and msg.endswith("PASS"), msg
+    real = attention._flash_forward
+    monkeypatch.setattr(attention, "_flash_forward", lambda *a: (lambda o, lse: (o * 1.05, lse))(*real(*a)))
+    ok, msg = attention.check(1, 2, 1, 20, 20, 16, True, torch.float32, tiles=SPLIT16)
+    assert not ok and msg.endswith("FAIL"), msg
