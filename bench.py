@@ -563,9 +563,9 @@ def section_ppo(b: Bench) -> Section:
     g = torch.Generator().manual_seed(5)
     head0 = (torch.randn(1, cfg.hidden_size, generator=g) * 0.01).to(dev)
 
-    def ours_rollout(m, N):
+    def ours_rollout(m, N, compile=False):
         gen = torch.Generator(device=dev).manual_seed(0)
-        return generate(m, prompts.tolist(), N, temperature=1.0, generator=gen).tokens
+        return generate(m, prompts.tolist(), N, temperature=1.0, generator=gen, compile=compile).tokens
 
     def ours_score(m, ids, toks):
         h = m(ids, logits=False)[:, P - 1:P - 1 + toks.shape[1]]  # (b, N, d): the states that predict toks
@@ -636,8 +636,11 @@ def section_ppo(b: Bench) -> Section:
         out["total"] = Cell(sum(c.value for c in out.values()), max((c.peak_gb or 0) for c in out.values()) or None)
         return out
 
-    def run(policy, ref, rollout, score):
+    def run(policy, ref, rollout, score, warm_full=False):
         iteration(policy, ref, rollout, score, 4, mb)  # warm-up: every kernel once, small
+        if warm_full:  # a compiled rollout: capture its graph at the timed shape before timing
+            with b.autocast():
+                rollout(policy.eval(), N)
         return iteration(policy, ref, rollout, score, N, n)
 
     results = {}
@@ -655,6 +658,11 @@ def section_ppo(b: Bench) -> Section:
             f"{k} {cell_text(c, 'time')}" for k, c in results[name].items()), flush=True)
 
     side("ours", policy, ref, ours_rollout, ours_score)
+    if b.cuda:
+        side("ours, compiled rollout", policy, ref, lambda m, N: ours_rollout(m, N, compile=True), ours_score, True)
+        policy.caches = None
+    else:
+        results["ours, compiled rollout"] = {k: Cell(note="skipped: needs CUDA") for k in ("rollout", "total")}
     hf_models, err = attempt(lambda: (hf_twin(policy, torch.float32), hf_twin(ref)))
     del policy, ref
     b.free()
@@ -666,7 +674,11 @@ def section_ppo(b: Bench) -> Section:
     labels = {"rollout": f"rollout ({n} x {N} tokens)", "forward": "policy + reference + value forward (no grad)",
               "update": f"update ({n // mb} minibatches, fwd + bwd + AdamW)", "total": "iteration"}
     sec.rows = [Row(f"{labels[k]}, s", results["ours"][k], results["HF"][k], unit="time") for k in labels]
-    sec.notes = ["rollouts without compile on both sides; ours scores with forward(logits=False) + "
+    oc = results["ours, compiled rollout"]
+    sec.rows += [Row(f"{labels['rollout']}, ours with the compiled decode step (ppo.py --compile), s", oc["rollout"],
+                     results["HF"]["rollout"], unit="time"),
+                 Row("iteration, ours with the compiled rollout, s", oc["total"], results["HF"]["total"], unit="time")]
+    sec.notes = ["rollouts without compile on both sides, and ours again with the compiled decode step; ours scores with forward(logits=False) + "
                  "chunked_token_logprobs, HF with full logits + ppo.logprobs_from_logits; GAE, policy and value "
                  "losses from ppo.py"]
     return sec

@@ -59,6 +59,7 @@ class EvalConfig:
     limit: int = 0  # evaluate only the first N problems of each set (0 = all)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0  # torch seed for sampling
+    compile: bool = False  # CUDA: decode with the compiled step (a CUDA graph per batch shape); same tokens
     confidence_kind: str = "exp"  # confidence of a number: exp(-mean H) | norm (1 - mean H / log V)
     thresholds: tuple = (0.5, 0.7, 0.9)  # overconfidence thresholds tau
     n_bins: int = 10  # equal-width bins for ECE and the reliability diagrams
@@ -211,7 +212,7 @@ def computed_numbers(tokenizer, problem, response_ids, entropies, kind="exp"):
 
 
 def evaluate(model, tokenizer, problems, batch_size, max_new_tokens, greedy=True, n_samples=1,
-             temperature=1.0, confidence_kind="exp", progress=True, given_plan=False):
+             temperature=1.0, confidence_kind="exp", progress=True, given_plan=False, compile=False):
     """Generate n_samples responses per problem and score them. Returns the set's metrics
     (summarize_set: accuracy, mean_tokens, ...) with "records", one per problem:
     {id, question, gold, responses: [{text, pred, correct, n_tokens, eos, computed_numbers}]}.
@@ -234,7 +235,7 @@ def evaluate(model, tokenizer, problems, batch_size, max_new_tokens, greedy=True
         # each token came from: the policy's softmax at temperature 1 when greedy, else at T.
         gen = generate(model, [prompts[i] for i in batch], max_new_tokens,
                        temperature=0.0 if greedy else temperature,
-                       stop_ids=stop_ids, pad_id=tokenizer.pad_id)
+                       stop_ids=stop_ids, pad_id=tokenizer.pad_id, compile=compile)
         tokens, mask = gen.tokens.tolist(), gen.mask.tolist()
         ents, finished = gen.entropies.float().tolist(), gen.finished.tolist()
         for row, i in enumerate(batch):
@@ -670,7 +671,8 @@ def run_eval(cfg):
             print(f"{name}: {sname} ({len(probs)} problems)", file=sys.stderr)
             set_records[sname] = evaluate(model, tok, probs, cfg.batch_size, cfg.max_new_tokens,
                                           cfg.greedy, cfg.n_samples, cfg.temperature,
-                                          cfg.confidence_kind, given_plan=cfg.given_plan)["records"]
+                                          cfg.confidence_kind, given_plan=cfg.given_plan,
+                                          compile=cfg.compile)["records"]
         if cfg.arithmetic:
             print(f"{name}: arithmetic probe ({cfg.arithmetic} per cell)", file=sys.stderr)
         m = {"run": name, "ckpt": str(ckpt), **summarize_run(set_records, id_sets, cfg.thresholds,

@@ -71,6 +71,7 @@ class PPOConfig:
     samples_per_prompt: int = 1  # responses per problem (>1 needed for grpo / rloo)
     max_new_tokens: int = 256  # response budget; a response without EOS by then gets the penalty
     temperature: float = 1.0  # rollout temperature; old, new and reference log-probs use the same one
+    compile: bool = False  # CUDA: rollouts with the compiled decode step (a CUDA graph per batch shape; not FSDP)
     # advantages and losses
     advantage: str = "gae"  # gae (value head) | grpo | rloo (group baselines, no critic)
     gamma: float = 1.0  # discount (1: every response token is one episode's step)
@@ -114,6 +115,8 @@ def check_config(cfg: PPOConfig):
         bad(f"--alpha {cfg.alpha} --beta {cfg.beta}: expected 0 <= alpha < beta (wrong numbers cost more)")
     if cfg.critic not in ("head", "separate"):
         bad(f"--critic {cfg.critic!r}: expected head or separate")
+    if cfg.compile and cfg.fsdp:  # a CUDA graph replays fixed weight addresses; FSDP gathers them anew
+        bad("--compile with --fsdp: the compiled decode step needs unsharded weights; drop one of them")
     if cfg.confidence_kind not in ("exp", "norm"):
         bad(f"--confidence-kind {cfg.confidence_kind!r}: expected exp or norm")
     for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "steps", "ppo_epochs", "minibatch_size"):
@@ -414,7 +417,7 @@ def rollout(policy, tok, batch: list[dict], cfg: PPOConfig, step: int, rank: int
     prompts = [tok.render(prompt_text(p))[0] for p in batch]
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step + 7_919 * rank)
     g = generate(policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=tok.stop_ids,
-                 pad_id=tok.pad_id, generator=gen, across_ranks=across_ranks)
+                 pad_id=tok.pad_id, generator=gen, across_ranks=across_ranks, compile=cfg.compile)
     p_ids, p_mask = left_pad(prompts, tok.pad_id, device)
     return p_ids, p_mask, g
 

@@ -103,6 +103,7 @@ def test_bad_inputs_one_line_exit_2(sft_ckpt, tmp_path):
     bad("samples-per-prompt >= 2", "--advantage", "grpo")
     bad("expected a positive", "--temperature", 0)
     bad("expected gae, grpo or rloo", "--advantage", "ppo2")
+    bad("--compile with --fsdp", "--compile", "--fsdp")
     no_answer = tmp_path / "noans.jsonl"
     no_answer.write_text(json.dumps({"id": "x", "question": "What?"}) + "\n")
     bad("noans.jsonl", "--problems", no_answer)
