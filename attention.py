@@ -519,6 +519,9 @@ def flash_attention(q, k, v, mask=None, causal=True):
         if q.is_cuda:
             if mask is None and causal and T != S:  # SDPA's is_causal aligns to the top-left; we mean bottom-right
                 mask = bounds_mask(*no_padding(B, S, q.device), T, S)
+            if mask is not None and H != K:
+                from model import grouped_sdpa  # a mask with SDPA's enable_gqa would take its math kernel
+                return grouped_sdpa(q, k, v, mask)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                                   enable_gqa=H != K)
         return reference_attention(q, k, v, mask, causal)

@@ -220,6 +220,23 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def grouped_sdpa(q, k, v, mask):
+    """SDPA for grouped-query attention under a mask, without SDPA's enable_gqa. On CUDA, a mask together
+    with enable_gqa sends SDPA to its math kernel, which copies K and V H/K times and materialises the
+    scores: every decode step and every padded batch would pay that. Instead the G = H/K query heads of a
+    kv head are folded into the query length, q (B, K, G*T, D) against k, v (B, K, S, D), with the mask
+    repeated for each of the G row blocks; a plain masked SDPA then runs a fused kernel and reads K/V once.
+    q (B, H, T, D), mask (B, 1, T, S) bool -> (B, H, T, D)."""
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    if mask.dim() == 4 and mask.shape[1] != 1:  # a mask per query head does not fold: SDPA's own GQA
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    qf = q.reshape(B, K, G * T, D)  # query head h = kvh * G + g -> row g * T + t of kv head kvh
+    mf = mask.expand(B, 1, T, S).unsqueeze(2).expand(B, 1, G, T, S).reshape(B, 1, G * T, S)  # (B, 1, G*T, S)
+    return F.scaled_dot_product_attention(qf, k, v, attn_mask=mf).view(B, H, T, D)
+
+
 def attention(q, k, v, mask, backend: str = "sdpa"):
     """q (B, H, T, D); k, v (B, K, S, D) with H a multiple of K; mask (B, 1, T, S) bool (True = may
     attend) or None for plain causal attention with T == S. Returns (B, H, T, D)."""
@@ -227,6 +244,8 @@ def attention(q, k, v, mask, backend: str = "sdpa"):
         from attention import flash_attention  # the custom kernel; pick_attention_backend checked it loads
         return flash_attention(q, k, v, mask)
     if backend in ("sdpa", "triton"):
+        if mask is not None and k.shape[1] != q.shape[1] and q.is_cuda:
+            return grouped_sdpa(q, k, v, mask)  # (on the CPU, SDPA's own GQA handles a mask well)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                               enable_gqa=k.shape[1] != q.shape[1])
     # "math": the explicit softmax, readable reference. Query heads are grouped by the kv head they

@@ -317,7 +317,8 @@ def tok(tmp_path_factory):
 
 
 def scripted_generate(tok, calls):
-    def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), pad_id=0):
+    def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), pad_id=0,
+                 compile=False):
         calls.append((prompts, temperature, set(stop_ids), pad_id))
         rows = []
         for p in prompts:

@@ -301,3 +301,25 @@ def test_fused_cross_entropy_equals_the_checkpointed_one_and_full_logits():
         b = torch.autograd.grad(chunked_cross_entropy(hidden, weight, targets, 16)[0] / count, (hidden, weight))
     for x, y in zip(a, b):
         assert x.dtype == y.dtype and ((x - y).norm() / y.norm()).item() < 2e-2
+
+
+def test_grouped_sdpa_equals_sdpa_with_gqa_and_traces_as_one_graph():
+    # The CUDA path for a masked GQA attention (decode steps, padded batches): query heads folded into the
+    # query length instead of SDPA's enable_gqa (which, masked, takes the math kernel on CUDA).
+    for B, H, K, T, S, left in ((2, 8, 2, 1, 19, (0, 7)), (3, 6, 2, 7, 30, (4, 0, 11)), (2, 8, 1, 16, 16, (3, 0)),
+                                (1, 4, 4, 5, 9, (2,))):
+        g = torch.Generator().manual_seed(B * 100 + T)
+        q, k, v = (torch.randn(B, h, n, 16, generator=g) for h, n in ((H, T), (K, S), (K, S)))
+        key_mask = torch.ones(B, S, dtype=torch.bool)
+        for b, n in enumerate(left):
+            key_mask[b, :n] = False
+        mask = M.causal_mask(key_mask, S - T, T)  # (B, 1, T, S), the model's own
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K)
+        torch.testing.assert_close(M.grouped_sdpa(q, k, v, mask), ref, atol=1e-5, rtol=1e-5)
+        compiled = torch.compile(M.grouped_sdpa, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(q, k, v, mask), ref, atol=1e-5, rtol=1e-5)
+    per_head = torch.rand(B, H, T, S, generator=g) > 0.3  # a mask per query head: not folded, still right
+    per_head[..., 0] = True
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=per_head, enable_gqa=H != K)
+    torch.testing.assert_close(M.grouped_sdpa(q, k, v, per_head), ref, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
