@@ -234,7 +234,8 @@ def grouped_sdpa(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     qf = q.reshape(B, K, G * T, D)  # query head h = kvh * G + g -> row g * T + t of kv head kvh
     mf = mask.expand(B, 1, T, S).unsqueeze(2).expand(B, 1, G, T, S).reshape(B, 1, G * T, S)  # (B, 1, G*T, S)
-    return F.scaled_dot_product_attention(qf, k, v, attn_mask=mf).view(B, H, T, D)
+    out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mf)  # (B, K, G*T, D), whatever its memory layout
+    return out.reshape(B, H, T, D)  # reshape, not view: fused kernels may return a transposed layout
 
 
 def attention(q, k, v, mask, backend: str = "sdpa"):

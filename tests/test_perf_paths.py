@@ -7,8 +7,10 @@ import os
 import re
 import subprocess
 import sys
+import unittest.mock
 
 import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -306,6 +308,7 @@ def test_fused_cross_entropy_equals_the_checkpointed_one_and_full_logits():
 def test_grouped_sdpa_equals_sdpa_with_gqa_and_traces_as_one_graph():
     # The CUDA path for a masked GQA attention (decode steps, padded batches): query heads folded into the
     # query length instead of SDPA's enable_gqa (which, masked, takes the math kernel on CUDA).
+    sdpa = F.scaled_dot_product_attention
     for B, H, K, T, S, left in ((2, 8, 2, 1, 19, (0, 7)), (3, 6, 2, 7, 30, (4, 0, 11)), (2, 8, 1, 16, 16, (3, 0)),
                                 (1, 4, 4, 5, 9, (2,))):
         g = torch.Generator().manual_seed(B * 100 + T)
@@ -318,6 +321,10 @@ def test_grouped_sdpa_equals_sdpa_with_gqa_and_traces_as_one_graph():
         torch.testing.assert_close(M.grouped_sdpa(q, k, v, mask), ref, atol=1e-5, rtol=1e-5)
         compiled = torch.compile(M.grouped_sdpa, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(q, k, v, mask), ref, atol=1e-5, rtol=1e-5)
+        # CUDA's fused kernels may hand back (B, K, G*T, D) laid out as (B, G*T, K, D): the result must not care
+        with unittest.mock.patch.object(M.F, "scaled_dot_product_attention",
+                                        lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2)):
+            torch.testing.assert_close(M.grouped_sdpa(q, k, v, mask), ref, atol=1e-5, rtol=1e-5)
     per_head = torch.rand(B, H, T, S, generator=g) > 0.3  # a mask per query head: not folded, still right
     per_head[..., 0] = True
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=per_head, enable_gqa=H != K)
