@@ -75,13 +75,16 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # the reference and the fallback need no Triton; the kernels below are never launched
     triton = None
 
     class tl:  # noqa: N801 - stands in for triton.language so the kernel signatures below still parse
         constexpr = None
 
+try:  # host-side TMA descriptors (recent Triton); without them the TMA variants use the warps' loads
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 jit = triton.jit if triton is not None else (lambda fn: fn)
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 
@@ -375,8 +378,8 @@ def _flash_forward(q, k, v, first, end, causal, tiles=None):
     BM, BN, warps, stages = cfg[:4]
     variant = cfg[4] if len(cfg) > 4 else 0  # the forward's 5th field: bit 0 SPLIT, bit 1 TMA (see TILES)
     kk, vv = k, v
-    if variant & 2 and not all(_tma_aligned(t) for t in (k, v)):
-        variant &= 1  # the copy engine needs 16-byte aligned bases and strides; the warps' loads do not
+    if variant & 2 and (TensorDescriptor is None or not all(_tma_aligned(t) for t in (k, v))):
+        variant &= 1  # the copy engine needs descriptors and 16-byte aligned bases and strides; the warps' loads do not
     if variant & 2:  # K/V tiles by the bulk tensor copy engine: host-side descriptors with the tile's block shape
         kk, vv = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BN, D]) for t in (k, v))
     # Output laid out (B, T, H, D) in memory and returned as a (B, H, T, D) view, so the model's
