@@ -642,7 +642,7 @@ def check(B, H, K, T, S, D, causal, dtype, left=None, right=None, tiles=None):
     finite = all(torch.isfinite(t).all().item() for t in (out, *grads))
     pad_zero = (out * ~real).abs().max().item() == 0 and (grads[0] * ~real).abs().max().item() == 0
     ok = finite and pad_zero and errs[0] < 1e-2 and max(errs[1:]) < 2e-2
-    variant = f" forward variant {tiles['fwd'][4]}" if tiles else ""
+    variant = f" forward variant {tiles['fwd'][4]}" if isinstance(tiles, dict) else ""
     msg = (f"B{B} H{H} K{K} T{T} S{S} D{D} {'causal' if causal else 'full'} {str(dtype)[6:]} left={left} "
            f"right={right}{variant}: rel err out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} dv {errs[3]:.1e}, "
            f"all written {finite}, pad rows 0 {pad_zero} -> {'PASS' if ok else 'FAIL'}")

@@ -41,8 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (CONFIGS, ModelConfig, Transformer, chunked_cross_entropy, chunked_token_logprobs, compiled_decode_step,
-                   generate, ours_to_hf, pick_attention_backend)
+from model import (CONFIGS, ModelConfig, Transformer, chunked_cross_entropy, chunked_token_logprobs, compiled_cache_len,
+                   compiled_decode_step, generate, ours_to_hf, pick_attention_backend)
 
 
 @dataclass
@@ -458,7 +458,7 @@ def section_sample(b: Bench) -> Section:
     def decode_alone(B):
         """N replays of the compiled decode step on the cache generate(compile=True) just left on the model:
         the forward alone, without sampling and bookkeeping, i.e. what the model costs per token."""
-        S_max = -(-(P + N) // 64) * 64  # as generate(compile=True) rounds the cache
+        S_max = compiled_cache_len(P, N)  # the cache generate(compile=True) captured its graph on
         ours.setup_cache(B, S_max)  # the same buffers (zeroed) the graph was captured on
         step = compiled_decode_step()
         tok = torch.ones(B, 1, dtype=torch.long, device=dev)

@@ -722,6 +722,11 @@ def all_done(finished, across_ranks: bool) -> bool:
     return int(left) == 0
 
 
+def compiled_cache_len(prompt_len: int, max_new_tokens: int) -> int:
+    """Cache slots of a compiled generate: rounded up to a multiple of 64, so few shapes get compiled."""
+    return math.ceil((prompt_len + max_new_tokens) / 64) * 64
+
+
 @torch.no_grad()  # sampling never needs a graph; with one, every step's activations would be kept
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, stop_ids=(), pad_id: int = 0, generator=None,
@@ -744,7 +749,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     step = compiled_decode_step() if compiled else decode_step
     ids, pmask = left_pad(prompts, pad_id, dev)
     B, P = ids.shape
-    S = math.ceil((P + max_new_tokens) / 64) * 64 if compiled else P + max_new_tokens  # cache slots
+    S = compiled_cache_len(P, max_new_tokens) if compiled else P + max_new_tokens  # cache slots
     model.setup_cache(B, S)
     key_mask = torch.cat([pmask.bool(), torch.ones(B, S - P, dtype=torch.bool, device=dev)], dim=1)  # (B, S)
     pos = (pmask.cumsum(-1) - 1).clamp(min=0)
