@@ -94,6 +94,6 @@ BENCH_OUT ?= out/bench
 BENCH_SECONDS ?= 330
 bench-gpu:
 	mkdir -p $(BENCH_OUT)
-	PYTHONUNBUFFERED=1 $(PY) attention.py --bench > $(BENCH_OUT)/attention.txt 2>&1; a=$$?; cat $(BENCH_OUT)/attention.txt; \
+	PYTHONUNBUFFERED=1 $(PY) bench_attention.py > $(BENCH_OUT)/attention.txt 2>&1; a=$$?; cat $(BENCH_OUT)/attention.txt; \
 	PYTHONUNBUFFERED=1 $(PY) bench.py --device cuda --sections 2,1,4,3 --time-budget $(BENCH_SECONDS) --out $(BENCH_OUT)/bench.md \
 	    --profile $(BENCH_OUT)/profile.txt; b=$$?; test $$a = 0 && test $$b = 0

@@ -18,7 +18,8 @@ The sections (each a markdown table: figure | ours | HF | ratio | peak GB):
      cache_implementation="static", with which transformers compiles the decoding forward itself
      (mode "reduce-overhead"). Also a correctness check: greedy tokens eager == compiled.
   3. attention forward and forward+backward TFLOP/s at the 1B head shape (H32 K8 D64), B8, T 1024 and
-     4096, bf16, causal: attention.py's Triton kernel against PyTorch SDPA.
+     4096, bf16, causal: attention.py's Triton kernel against PyTorch SDPA, GPU time of calls issued back to
+     back (the other sections time each call from an idle GPU, host work included).
   4. one PPO iteration of the 1B policy (64 rollouts of 256 tokens, reference + value forward, one epoch
      of 4 minibatches), ours against the same steps done with HF models, split into its phases.
 
@@ -295,15 +296,28 @@ class Bench:
         if self.cuda:
             torch.cuda.empty_cache()
 
-    def measure(self, fn, warmup: int, repeats: int):
-        """Median seconds of fn() over repeats after warmup calls, and the peak GB allocated while timed."""
+    def measure(self, fn, warmup: int, repeats: int, back_to_back: bool = False):
+        """Median seconds of fn() over repeats after warmup calls, and the peak GB allocated while timed.
+        Each call is timed from an idle device to its end (host work included: a training step or a whole
+        generate is host and device together). back_to_back (CUDA): calls issued without waiting, each
+        between two CUDA events, so the host prepares a call while the GPU runs the previous one, as for
+        one layer inside a model: the GPU's time, for a single kernel's figure (as bench_attention.py)."""
         for _ in range(warmup):
             fn()
         sync(self.device)
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         times = []
-        for _ in range(repeats):
+        if back_to_back and self.cuda:
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(repeats)]
+            for a, b in events:
+                a.record()
+                fn()
+                b.record()
+            torch.cuda.synchronize()
+            times = [a.elapsed_time(b) / 1e3 for a, b in events]
+        for _ in range(0 if times else repeats):
             sync(self.device)
             t = time.perf_counter()
             fn()
@@ -534,7 +548,7 @@ def section_attention(b: Bench) -> Section:
                         return attn()
                 q.grad = k.grad = v.grad = None
                 attn().backward(do)
-            s, gb = b.measure(fn, S.warmup, S.attn_repeats)
+            s, gb = b.measure(fn, S.warmup, S.attn_repeats, back_to_back=True)
             return Cell(flops * mult / s / 1e12, gb, extra=extra)
 
         ours = lambda: A.flash_attention(q, k, v, None)

@@ -66,6 +66,7 @@ class PPOConfig:
     kl_coef: float = 0.05  # beta_KL of the per-token k1 penalty in the reward
     kl_target: float = 0.0  # > 0: adaptive KL coefficient steered to this KL per sequence (Ziegler et al.)
     kl_horizon: int = 10000  # adaptive controller horizon, in sequences
+    shuffle_scores: bool = False  # control run: each rollout's score goes to another rollout of its update (no signal)
     # rollouts
     prompts_per_step: int = 32  # problems per PPO update
     samples_per_prompt: int = 1  # responses per problem (>1 needed for grpo / rloo)
@@ -233,6 +234,19 @@ def compute_rewards(score_tokens: torch.Tensor, logp: torch.Tensor, ref_logp: to
     kl = torch.where(mask.bool(), kl_penalty(logp, ref_logp, kl_kind), 0.0)
     rewards = torch.where(mask.bool(), score_tokens - kl_coef * kl, 0.0)
     return rewards, kl
+
+
+def shuffled_scores(scores: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The negative control: row b's total score, placed at the last response token of row perm[b] for a
+    random permutation perm. The update then sees rewards of the same size and spread as the real run,
+    with no relation to what each response says: what PPO's updates do to a policy on their own, to hold
+    a real run against. scores, mask (B, T); returns (B, T)."""
+    totals = scores.sum(1)  # (B,)
+    perm = torch.randperm(len(totals), generator=generator).to(scores.device)
+    last = mask.long().cumsum(1).argmax(1)  # (B,) each row's last response token (the first index of its max)
+    out = torch.zeros_like(scores)
+    out[perm, last[perm]] = totals
+    return out
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
@@ -485,6 +499,9 @@ def ppo_step(step: int, cfg: PPOConfig, ctx) -> dict:
         tok.token_bytes, stop_ids=tok.stop_ids, alpha=alpha, beta=beta, penalty=cfg.penalty,
         kind=cfg.confidence_kind, vocab_size=tok.vocab_size)
     scores = scores.to(device)
+    if cfg.shuffle_scores:  # the control run: same scores, handed to the wrong responses
+        gen = torch.Generator().manual_seed((cfg.seed * 1009 + rank) * 100003 + step)  # replays under --resume
+        scores = shuffled_scores(scores, g.mask, gen)
 
     # 5. Per-token rewards r_t = score_t - kl_coef * (log pi - log pi_ref)_t, then advantages; the
     #    whitening statistics are over all ranks' tokens.

@@ -260,7 +260,7 @@ def test_kernels_build_for_hopper_and_the_forward_does_not_spill():
     import re
     import subprocess
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "attention.py"), "--build-report"], capture_output=True,
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench_attention.py"), "--build-report"], capture_output=True,
                        text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = re.findall(r"^\| (fwd|dkdv|dq) \| (\d+) \| \((.*?)\) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$", r.stdout, re.M)
@@ -275,12 +275,20 @@ def test_kernels_build_for_hopper_and_the_forward_does_not_spill():
 
 
 def test_the_gpu_check_itself_passes_every_forward_variant_and_fails_a_wrong_kernel(monkeypatch):
-    # attention.check() is what `--bench` runs on a GPU before timing; here it runs under the interpreter.
+    # bench_attention.check() is what the GPU check runs before timing; here it runs under the interpreter.
+    import bench_attention
     for variant in range(4):
         tiles = {"fwd": (16, 16, 1, 1, variant), "dkdv": (16, 16, 1, 1), "dq": (16, 16, 1, 1)}
-        ok, msg = attention.check(2, 4, 2, 37, 37, 16, True, torch.float32, left=[0, 9], right=[5, 0], tiles=tiles)
+        ok, msg = bench_attention.check(2, 4, 2, 37, 37, 16, True, torch.float32, left=[0, 9], right=[5, 0], tiles=tiles)
         assert ok and f"forward variant {variant}" in msg and msg.endswith("PASS"), msg
     real = attention._flash_forward
     monkeypatch.setattr(attention, "_flash_forward", lambda *a: (lambda o, lse: (o * 1.05, lse))(*real(*a)))
-    ok, msg = attention.check(1, 2, 1, 20, 20, 16, True, torch.float32, tiles=SPLIT16)
+    ok, msg = bench_attention.check(1, 2, 1, 20, 20, 16, True, torch.float32, tiles=SPLIT16)
     assert not ok and msg.endswith("FAIL"), msg
+
+
+def test_the_gpu_check_without_a_gpu_says_so_in_one_line(capsys):
+    import bench_attention
+    assert bench_attention.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no CUDA GPU") and "\n" not in err, err

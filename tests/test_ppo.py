@@ -113,10 +113,11 @@ def test_bad_inputs_one_line_exit_2(sft_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("kw", [dict(critic="separate", target_kl=1e-9),
-                                dict(advantage="rloo", samples_per_prompt=2, prompts_per_step=4, kl_target=1.0)])
+                                dict(advantage="rloo", samples_per_prompt=2, prompts_per_step=4, kl_target=1.0),
+                                dict(shuffle_scores=True)])
 def test_variants_run_and_resume(sft_ckpt, tmp_path, kw):
     """The separate critic (saved under critic/, reloaded on resume), early stopping on target KL,
-    RLOO with the adaptive KL controller: each runs, logs, and resumes exactly."""
+    RLOO with the adaptive KL controller, the shuffled-scores control: each runs, logs, and resumes exactly."""
     ppo.train(toy_cfg(sft_ckpt, tmp_path / "a", steps=2, **kw))
     ppo.train(toy_cfg(sft_ckpt, tmp_path / "b", steps=2, stop_at=1, **kw))
     ppo.train(toy_cfg(sft_ckpt, tmp_path / "b", steps=2, resume=True, **kw))
@@ -125,5 +126,8 @@ def test_variants_run_and_resume(sft_ckpt, tmp_path, kw):
     if kw.get("critic") == "separate":
         assert (tmp_path / "a" / "critic" / "model.safetensors").exists()
         assert all(r["minibatches"] == 2 for r in rows)  # target_kl stops after epoch 1 (2 minibatches of 8)
-    else:
+    elif kw.get("advantage") == "rloo":
         assert "value_loss" not in rows[0] and rows[1]["kl_coef"] != rows[0]["kl_coef"]
+    else:  # the control trains on other rollouts' scores: not the real run's weights
+        ppo.train(toy_cfg(sft_ckpt, tmp_path / "real", steps=2))
+        assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "real" / "model.safetensors").read_bytes()

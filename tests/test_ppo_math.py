@@ -6,7 +6,7 @@ import torch
 
 from ppo import (AdaptiveKLController, FixedKLController, PPOError, compute_gae, compute_rewards, entropy_from_logits,
                  explained_variance, group_advantages, kl_penalty, logprobs_from_logits, masked_mean, masked_var,
-                 masked_whiten, policy_loss, value_loss)
+                 masked_whiten, policy_loss, shuffled_scores, value_loss)
 
 
 def ragged_mask(B, T, gen, prompt_left=False):
@@ -162,6 +162,23 @@ def test_compute_rewards_hand():
     rewards, kl = compute_rewards(score, logp, ref, mask, kl_coef=0.1)
     assert rewards[0].tolist() == pytest.approx([-0.05, 0.2, 1.0, 0.0])
     assert kl[0].tolist() == pytest.approx([0.5, -1.0, 0.0, 0.0])
+
+
+def test_shuffled_scores_match_plain_loop():
+    gen = torch.Generator().manual_seed(11)
+    B, T = 9, 12
+    mask = ragged_mask(B, T, gen, prompt_left=True)
+    scores = torch.randn(B, T, generator=gen) * mask  # CCRL-like: terms inside the response, several per row
+    out = shuffled_scores(scores, mask, torch.Generator().manual_seed(3))
+    perm = torch.randperm(B, generator=torch.Generator().manual_seed(3)).tolist()  # the permutation it drew
+    expect = torch.zeros(B, T)
+    for b in range(B):
+        dst = perm[b]
+        last = max(t for t in range(T) if mask[dst, t] == 1)
+        expect[dst, last] = sum(float(x) for x in scores[b])
+    assert torch.allclose(out, expect, atol=1e-6)
+    assert perm != list(range(B))  # the draw moved rows (else the control would be the real run)
+    assert sorted(out.sum(1).tolist()) == pytest.approx(sorted(scores.sum(1).tolist()), abs=1e-6)  # same rewards
 
 
 def test_group_advantages_match_loop():
