@@ -3,6 +3,7 @@ The GPU check and benchmark of attention.py's Triton flash attention, and its bu
 
     python bench_attention.py                  # on a CUDA GPU: correctness, tile sweep, timings against SDPA
     python bench_attention.py --build-report   # anywhere: build for sm_90, print registers / spills / shared memory
+    TRITON_INTERPRET=1 python bench_attention.py --small   # CPU dry run of the whole script (tiny shapes; tests)
 
 On a GPU it (1) sweeps TUNE_CANDIDATES for each kernel and head dim at the largest timed shape and keeps
 the fastest in attention.TILES (for this process; copy them into attention.py to keep them), (2) checks
@@ -25,7 +26,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,11 @@ class BenchConfig:
     head_dims: tuple = (64, 128)  # D of the timed shapes
     reps: int = 20  # timed repetitions (median), after 3 warm-up runs
     tune: bool = True  # sweep TUNE_CANDIDATES at T = max(seqs) before timing
+    small: bool = False  # a dry run on the CPU under TRITON_INTERPRET=1 (tests): every line runs, figures mean nothing
+
+
+# --small: tiny shapes, the interpreter's tiles, fp32 (the interpreter's bf16 is not faithful).
+SMALL = BenchConfig(batch=1, heads=4, gqa_kv_heads=2, seqs=(32,), head_dims=(16,), reps=1, small=True)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant]) tried per kernel: every value of {64, 128} x {4, 8} x
@@ -54,6 +60,8 @@ TUNE_CANDIDATES = {
     "dkdv": [(64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
     "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (128, 128, 8, 2)],
 }
+SMALL_CANDIDATES = {"fwd": [A.INTERPRET_TILES + (v,) for v in range(4)], "dkdv": [A.INTERPRET_TILES],
+                    "dq": [A.INTERPRET_TILES]}
 
 
 def _cuda_ms(fn, reps, sync_each=False):
@@ -63,8 +71,16 @@ def _cuda_ms(fn, reps, sync_each=False):
     sync_each=True waits for the GPU before every call instead, so the GPU idles while the host launches:
     that figure adds the host's per-call latency (Python wrapper, autograd, Triton's launcher), which a
     model running ahead of its GPU never sees, and is reported separately."""
-    for _ in range(3):
+    cuda = torch.cuda.is_available()
+    for _ in range(3 if cuda else 1):
         fn()
+    if not cuda:  # --small on the CPU: wall time, only so that every line runs
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return sorted(times)[len(times) // 2]
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for a, b in events:
         if sync_each:
@@ -81,9 +97,13 @@ def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: check() under the interpreter, in the tests
 
 
+def _dtype(dtype):
+    return dtype if torch.cuda.is_available() else torch.float32  # the interpreter computes in fp32 only
+
+
 def _inputs(B, H, K, T, S, D, dtype, seed=0):
     g = torch.Generator(device=_device()).manual_seed(seed)
-    return [torch.randn(shape, device=_device(), dtype=dtype, generator=g).requires_grad_()
+    return [torch.randn(shape, device=_device(), dtype=_dtype(dtype), generator=g).requires_grad_()
             for shape in ((B, H, T, D), (B, K, S, D), (B, K, S, D))]
 
 
@@ -92,12 +112,12 @@ def tune(cfg: BenchConfig):
     B, H, T = cfg.batch, cfg.heads, max(cfg.seqs)
     for D in cfg.head_dims:
         q, k, v = _inputs(B, H, H, T, T, D, torch.bfloat16)
-        first, end = A.no_padding(B, T, "cuda")
+        first, end = A.no_padding(B, T, _device())
         o, lse = A._flash_forward(q, k, v, first, end, True)
         do = torch.randn_like(o)
-        for kind, cands in TUNE_CANDIDATES.items():
+        for kind, cands in (SMALL_CANDIDATES if cfg.small else TUNE_CANDIDATES).items():
             def run(c):  # time one kernel's candidate; the other kernels keep their current tiles
-                tiles = {name: A.TILES[(name, D)] for name in ("fwd", "dkdv", "dq")} | {kind: c}
+                tiles = {name: A.TILES.get((name, D), A.INTERPRET_TILES) for name in ("fwd", "dkdv", "dq")} | {kind: c}
                 if kind == "fwd":
                     return A._flash_forward(q, k, v, first, end, True, tiles)
                 return A._flash_backward(do, q, k, v, o, lse, first, end, True, tiles)
@@ -153,29 +173,40 @@ def check(B, H, K, T, S, D, causal, dtype, left=None, right=None, tiles=None):
 
 def benchmark(cfg: BenchConfig = BenchConfig()) -> int:
     t0 = time.time()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {A.triton.__version__}")
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU, Triton interpreter (--small)"
+    print(f"{where}, torch {torch.__version__}, triton {A.triton.__version__}")
     if cfg.tune:
-        print("tile sweep (bf16, causal, B%d H%d T%d):" % (cfg.batch, cfg.heads, max(cfg.seqs)))
+        print(f"tile sweep ({str(_dtype(torch.bfloat16))[6:]}, causal, B{cfg.batch} H{cfg.heads} T{max(cfg.seqs)}):")
         tune(cfg)
     print(f"chosen tiles {A.TILES}  [{time.time() - t0:.0f}s]")
-    results = [check(2, 8, 8, 1024, 1024, 128, True, torch.bfloat16),
-               check(2, 8, 2, 777, 777, 64, True, torch.bfloat16, left=[0, 100]),
-               check(2, 4, 4, 300, 300, 64, False, torch.float16),
-               check(2, 8, 2, 400, 400, 128, True, torch.float16, left=[10, 0], right=[50, 3]),
-               check(2, 8, 2, 5, 500, 128, True, torch.bfloat16, left=[0, 37]),
-               check(3, 8, 1, 1, 333, 64, True, torch.bfloat16, left=[0, 5, 200]),
-               check(4, 6, 2, 300, 300, 32, True, torch.bfloat16, left=[0, 50, 0, 299])]  # model.py's "embedded" heads
+    if cfg.small:  # the same kinds of case, at sizes the interpreter runs in seconds
+        results = [check(1, 4, 4, 40, 40, 16, True, torch.float32), check(1, 4, 4, 20, 20, 32, False, torch.float32),
+                   check(2, 4, 2, 5, 30, 16, True, torch.float32, left=[0, 7], right=[2, 0]),
+                   check(2, 4, 1, 1, 33, 16, True, torch.float32, left=[0, 5])]
+        fixed = {"fwd": A.INTERPRET_TILES, "dkdv": A.INTERPRET_TILES, "dq": A.INTERPRET_TILES}
+        variant_case = (2, 4, 2, 37, 37, 16, True, torch.float32, [0, 9], [5, 0])
+    else:
+        results = [check(2, 8, 8, 1024, 1024, 128, True, torch.bfloat16),
+                   check(2, 8, 2, 777, 777, 64, True, torch.bfloat16, left=[0, 100]),
+                   check(2, 4, 4, 300, 300, 64, False, torch.float16),
+                   check(2, 8, 2, 400, 400, 128, True, torch.float16, left=[10, 0], right=[50, 3]),
+                   check(2, 8, 2, 5, 500, 128, True, torch.bfloat16, left=[0, 37]),
+                   check(3, 8, 1, 1, 333, 64, True, torch.bfloat16, left=[0, 5, 200]),
+                   check(4, 6, 2, 300, 300, 32, True, torch.bfloat16, left=[0, 50, 0, 299])]  # model.py's "embedded"
+        fixed = {name: A.TILES[(name, 64)] for name in ("fwd", "dkdv", "dq")}
+        variant_case = (2, 8, 2, 777, 777, 64, True, torch.bfloat16, [0, 100], [30, 0])
     for variant in range(4):  # every forward variant the sweep may pick, on a padded GQA case
-        tiles = {"fwd": A.TILES[("fwd", 64)][:4] + (variant,), "dkdv": A.TILES[("dkdv", 64)], "dq": A.TILES[("dq", 64)]}
-        results.append(check(2, 8, 2, 777, 777, 64, True, torch.bfloat16, left=[0, 100], right=[30, 0], tiles=tiles))
-    # As the model calls it under bf16 autocast: q, k in fp32 (RoPE promotes them), v in bf16.
-    q, k, v = _inputs(2, 8, 2, 256, 256, 64, torch.float32)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = A.flash_attention(q, k, v.bfloat16())
-    err = ((out.float() - A.reference_attention(q, k, v)).norm() / A.reference_attention(q, k, v).norm()).item()
-    ok = out.dtype == torch.bfloat16 and out.stride(2) == 8 * 64 and err < 1e-2  # the kernel's (B, T, H, D) layout
-    results.append((ok, f"under bf16 autocast with fp32 q/k: kernel used {out.stride(2) == 8 * 64}, rel err {err:.1e} "
-                        f"-> {'PASS' if ok else 'FAIL'}"))
+        tiles = fixed | {"fwd": fixed["fwd"][:4] + (variant,)}
+        results.append(check(*variant_case[:8], left=variant_case[8], right=variant_case[9], tiles=tiles))
+    if torch.cuda.is_available():
+        # As the model calls it under bf16 autocast: q, k in fp32 (RoPE promotes them), v in bf16.
+        q, k, v = _inputs(2, 8, 2, 256, 256, 64, torch.float32)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = A.flash_attention(q, k, v.bfloat16())
+        err = ((out.float() - A.reference_attention(q, k, v)).norm() / A.reference_attention(q, k, v).norm()).item()
+        ok = out.dtype == torch.bfloat16 and out.stride(2) == 8 * 64 and err < 1e-2  # the kernel's (B, T, H, D) layout
+        results.append((ok, f"under bf16 autocast with fp32 q/k: kernel used {out.stride(2) == 8 * 64}, "
+                            f"rel err {err:.1e} -> {'PASS' if ok else 'FAIL'}"))
     for _, msg in results:
         print(msg)
     print(f"[{time.time() - t0:.0f}s]")
@@ -208,7 +239,7 @@ def benchmark(cfg: BenchConfig = BenchConfig()) -> int:
     from model import causal_mask
     K, S, D = cfg.gqa_kv_heads, max(cfg.seqs), max(cfg.head_dims)
     q, k, v = _inputs(B, H, K, 1, S, D, torch.bfloat16)
-    key_mask = torch.arange(S, device="cuda")[None, :] >= torch.arange(B, device="cuda")[:, None] * 16
+    key_mask = torch.arange(S, device=_device())[None, :] >= torch.arange(B, device=_device())[:, None] * 16
     mask = causal_mask(key_mask, S - 1, 1)
     from model import grouped_sdpa
     fns = [lambda: A.flash_attention(q, k, v, mask),
@@ -287,6 +318,8 @@ def main(argv=None):
                                              "timings against SDPA; or, without a GPU, its build report for sm_90.")
     ap.add_argument("--no-tune", dest="tune", action="store_false", help="skip the tile sweep (use TILES as written)")
     ap.add_argument("--reps", type=int, default=BenchConfig.reps, help="timed calls per figure (median)")
+    ap.add_argument("--small", action="store_true",
+                    help="dry run with tiny shapes, on the CPU under TRITON_INTERPRET=1 (what the tests run)")
     ap.add_argument("--build-report", action="store_true",
                     help="no GPU needed: build the kernels for sm_90 and print registers, spills, shared memory")
     args = ap.parse_args(argv)
@@ -302,8 +335,14 @@ def main(argv=None):
             print(f"| {r['kernel']} | {r['D']} | {r['tiles']} | {r['registers']} | {r['stack_bytes']} "
                   f"| {r['async_copies']} | {r['shared_bytes'] / 1024:.0f} |")
         return 0
+    if args.small:
+        if not torch.cuda.is_available() and not A.kernel_runs_on(torch.zeros(1)):
+            print("error: --small on a CPU needs TRITON_INTERPRET=1 in the environment", file=sys.stderr)
+            return 2
+        return benchmark(replace(SMALL, tune=args.tune))
     if not torch.cuda.is_available():
-        print("error: no CUDA GPU: the check and timings need one (--build-report runs without)", file=sys.stderr)
+        print("error: no CUDA GPU: the check and timings need one (--build-report and --small run without)",
+              file=sys.stderr)
         return 2
     return benchmark(BenchConfig(reps=args.reps, tune=args.tune))
 
