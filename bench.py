@@ -32,6 +32,7 @@ status is 1 when a correctness check fails.
 
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -722,22 +723,14 @@ def run_sections(cfg: BenchConfig, device: str) -> int:
     if not b.cuda:
         print("note: compile paths and the Triton kernel need CUDA; on this device they are skipped", flush=True)
     done = {}
-    for n in dict.fromkeys(order):  # as listed, each once
-        torch.manual_seed(0)
-        try:
-            done[n] = SECTIONS[n](b)
-        except Exception as e:  # a section that fails in its setup (e.g. out of memory building the models)
-            done[n] = Section(n, f"section {n}", notes=[error_note(e)])
-        b.free()
-        print("\n" + markdown(done[n]) + "\n", flush=True)
-    check_lines = [f"- {name}: {'skipped' if ok is None else 'PASS' if ok else 'FAIL'} ({detail})"
-                   for name, ok, detail in b.checks]
-    if check_lines:
-        print("### checks\n\n" + "\n".join(check_lines), flush=True)
-    print(f"\ntotal {time.time() - b.t0:.0f}s", flush=True)
-    if cfg.out:
+
+    def check_lines():
+        return [f"- {name}: {'skipped' if ok is None else 'PASS' if ok else 'FAIL'} ({detail})"
+                for name, ok, detail in b.checks]
+
+    def save():  # after every section, so a run stopped by a time limit keeps what it measured
         md = "\n\n".join([head] + [markdown(done[n]) for n in sorted(done)]
-                         + ["### checks\n\n" + "\n".join(check_lines)])
+                         + ["### checks\n\n" + "\n".join(check_lines())])
         if cfg.out.endswith(".md"):
             text = md + "\n"
         else:
@@ -748,8 +741,23 @@ def run_sections(cfg: BenchConfig, device: str) -> int:
                               "rows": [{"figure": r.figure, "unit": r.unit, "ratio": r.ratio(),
                                         "ours": vars(r.ours), "baseline": vars(r.hf)} for r in s.rows]}
                              for s in (done[n] for n in sorted(done))]}, indent=1)
-        with open(cfg.out, "w") as f:
+        with open(cfg.out + ".tmp", "w") as f:
             f.write(text)
+        os.replace(cfg.out + ".tmp", cfg.out)
+
+    for n in dict.fromkeys(order):  # as listed, each once
+        torch.manual_seed(0)
+        try:
+            done[n] = SECTIONS[n](b)
+        except Exception as e:  # a section that fails in its setup (e.g. out of memory building the models)
+            done[n] = Section(n, f"section {n}", notes=[error_note(e)])
+        b.free()
+        print("\n" + markdown(done[n]) + "\n", flush=True)
+        if cfg.out:
+            save()
+    if b.checks:
+        print("### checks\n\n" + "\n".join(check_lines()), flush=True)
+    print(f"\ntotal {time.time() - b.t0:.0f}s", flush=True)
     return 1 if any(ok is False for _, ok, _ in b.checks) else 0
 
 

@@ -330,3 +330,19 @@ def test_grouped_sdpa_equals_sdpa_with_gqa_and_traces_as_one_graph():
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=per_head, enable_gqa=H != K)
     torch.testing.assert_close(M.grouped_sdpa(q, k, v, per_head), ref, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def test_bench_keeps_the_finished_sections_when_a_run_is_cut_short(tmp_path, monkeypatch):
+    # On a lent GPU the call has a time limit: what was measured before the kill must be on disk.
+    pytest.importorskip("transformers")
+    import bench
+
+    def killed(b):
+        raise KeyboardInterrupt  # not an Exception: like the signal of a time limit, it ends the run
+
+    monkeypatch.setitem(bench.SECTIONS, 4, killed)
+    out = tmp_path / "bench.md"
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_sections(bench.BenchConfig(small=True, sections="3,4", out=str(out)), "cpu")
+    text = out.read_text()
+    assert re.search(r"^### 3\. ", text, re.M) and "| figure" in text and "### 4." not in text, text
