@@ -302,23 +302,17 @@ class Bench:
         Each call is timed from an idle device to its end (host work included: a training step or a whole
         generate is host and device together). back_to_back (CUDA): calls issued without waiting, each
         between two CUDA events, so the host prepares a call while the GPU runs the previous one, as for
-        one layer inside a model: the GPU's time, for a single kernel's figure (as bench_attention.py)."""
+        one layer inside a model: the GPU's time, for a single kernel's figure (bench_attention.kernel_ms)."""
         for _ in range(warmup):
             fn()
         sync(self.device)
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        times = []
         if back_to_back and self.cuda:
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(repeats)]
-            for a, b in events:
-                a.record()
-                fn()
-                b.record()
-            torch.cuda.synchronize()
-            times = [a.elapsed_time(b) / 1e3 for a, b in events]
-        for _ in range(0 if times else repeats):
+            from bench_attention import kernel_ms
+            return kernel_ms(fn, repeats) / 1e3, torch.cuda.max_memory_allocated() / 1e9
+        times = []
+        for _ in range(repeats):
             sync(self.device)
             t = time.perf_counter()
             fn()

@@ -13,7 +13,7 @@ NaN-filled before the run so an unwritten element cannot pass, and (3) times for
 forward+backward against PyTorch's SDPA in the same process, printing a markdown table. Exit status 1
 when a check fails, 2 without a GPU or Triton.
 
-Timing: CUDA events around each call, the calls issued back to back (see _cuda_ms), plus the same
+Timing: CUDA events around each call, the calls issued back to back (see kernel_ms), plus the same
 calls each made from an idle GPU, which adds the host's launch latency per call.
 
 The build report compiles the kernels for Hopper (sm_90) on a machine with no GPU, with Triton's own
@@ -64,7 +64,7 @@ SMALL_CANDIDATES = {"fwd": [A.INTERPRET_TILES + (v,) for v in range(4)], "dkdv":
                     "dq": [A.INTERPRET_TILES]}
 
 
-def _cuda_ms(fn, reps, sync_each=False):
+def kernel_ms(fn, reps, sync_each=False):
     """Median milliseconds of fn() over reps calls, after 3 warm-up calls, each call between two CUDA events.
     The calls are issued back to back, as the layers of a model are: while the GPU runs one call the host
     prepares the next, so the figure is the GPU's time, and host time only where the host cannot keep up.
@@ -124,7 +124,7 @@ def tune(cfg: BenchConfig):
             timed = []
             for c in cands:
                 try:
-                    timed.append((_cuda_ms(lambda: run(c), 5), c))
+                    timed.append((kernel_ms(lambda: run(c), 5), c))
                 except Exception as e:  # e.g. out of shared memory for this tile size
                     print(f"  {kind} D={D} {c}: skipped ({type(e).__name__})")
             best = min(timed)
@@ -210,7 +210,7 @@ def benchmark(cfg: BenchConfig = BenchConfig()) -> int:
     for _, msg in results:
         print(msg)
     print(f"[{time.time() - t0:.0f}s]")
-    # ms: calls issued back to back (GPU time, see _cuda_ms); "synced": the GPU waits for the host before
+    # ms: calls issued back to back (GPU time, see kernel_ms); "synced": the GPU waits for the host before
     # every call, so the host's per-call latency is in it (the only way this table was measured before).
     print("\n| B | H | K | T | D | pass | ours ms | ours TFLOP/s | SDPA ms | SDPA TFLOP/s | SDPA time / ours "
           "| ours ms, synced | SDPA ms, synced |")
@@ -229,8 +229,8 @@ def benchmark(cfg: BenchConfig = BenchConfig()) -> int:
             if name == "fwd+bwd":
                 f_ours, f_sdpa = lambda: ours().backward(do), lambda: sdpa().backward(do)
             with torch.set_grad_enabled(name != "fwd"):
-                a, b = _cuda_ms(f_ours, cfg.reps), _cuda_ms(f_sdpa, cfg.reps)
-                a_sync, b_sync = _cuda_ms(f_ours, cfg.reps, sync_each=True), _cuda_ms(f_sdpa, cfg.reps, sync_each=True)
+                a, b = kernel_ms(f_ours, cfg.reps), kernel_ms(f_sdpa, cfg.reps)
+                a_sync, b_sync = kernel_ms(f_ours, cfg.reps, sync_each=True), kernel_ms(f_sdpa, cfg.reps, sync_each=True)
             tf = lambda ms: flops * mult / ms / 1e9
             print(f"| {B} | {H} | {K} | {T} | {D} | {name} | {a:.3f} | {tf(a):.0f} | {b:.3f} | {tf(b):.0f} "
                   f"| {b / a:.2f} | {a_sync:.3f} | {b_sync:.3f} |")
@@ -246,7 +246,7 @@ def benchmark(cfg: BenchConfig = BenchConfig()) -> int:
            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
            lambda: grouped_sdpa(q, k, v, mask)]  # what the model runs for a decode step
     with torch.no_grad():
-        (a, b, c), (a_s, b_s, c_s) = ([_cuda_ms(f, cfg.reps, sync_each=sync) for f in fns] for sync in (False, True))
+        (a, b, c), (a_s, b_s, c_s) = ([kernel_ms(f, cfg.reps, sync_each=sync) for f in fns] for sync in (False, True))
     print(f"| {B} | {H} | {K} | 1 (S={S}) | {D} | decode fwd | {a:.3f} | - | {b:.3f} | - | {b / a:.2f} | {a_s:.3f} "
           f"| {b_s:.3f} |")
     print(f"| {B} | {H} | {K} | 1 (S={S}) | {D} | decode fwd, SDPA with the query heads folded (model.grouped_sdpa) "
