@@ -66,7 +66,6 @@ import os
 import weakref
 
 import torch
-import torch.nn.functional as F
 
 try:
     import triton
@@ -519,11 +518,8 @@ def flash_attention(q, k, v, mask=None, causal=True):
         if q.is_cuda:
             if mask is None and causal and T != S:  # SDPA's is_causal aligns to the top-left; we mean bottom-right
                 mask = bounds_mask(*no_padding(B, S, q.device), T, S)
-            if mask is not None and H != K:
-                from model import grouped_sdpa  # a mask with SDPA's enable_gqa would take its math kernel
-                return grouped_sdpa(q, k, v, mask)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                                  enable_gqa=H != K)
+            from model import sdpa  # (masked grouped-query attention there avoids SDPA's math kernel)
+            return sdpa(q, k, v, mask, causal)
         return reference_attention(q, k, v, mask, causal)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return FlashAttention.apply(q, k, v, bounds[0], bounds[1], causal, None)

@@ -238,6 +238,16 @@ def grouped_sdpa(q, k, v, mask):
     return out.reshape(B, H, T, D)  # reshape, not view: fused kernels may return a transposed layout
 
 
+def sdpa(q, k, v, mask, causal: bool = True):
+    """PyTorch's SDPA for q (B, H, T, D), k, v (B, K, S, D): mask (B, 1, T, S) bool, or None for causal
+    (T == S) or, with causal=False, full attention. Masked grouped-query attention on CUDA goes through
+    grouped_sdpa; on the CPU, SDPA's own GQA handles a mask well."""
+    if mask is not None and k.shape[1] != q.shape[1] and q.is_cuda:
+        return grouped_sdpa(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
 def attention(q, k, v, mask, backend: str = "sdpa"):
     """q (B, H, T, D); k, v (B, K, S, D) with H a multiple of K; mask (B, 1, T, S) bool (True = may
     attend) or None for plain causal attention with T == S. Returns (B, H, T, D)."""
@@ -245,10 +255,7 @@ def attention(q, k, v, mask, backend: str = "sdpa"):
         from attention import flash_attention  # the custom kernel; pick_attention_backend checked it loads
         return flash_attention(q, k, v, mask)
     if backend in ("sdpa", "triton"):
-        if mask is not None and k.shape[1] != q.shape[1] and q.is_cuda:
-            return grouped_sdpa(q, k, v, mask)  # (on the CPU, SDPA's own GQA handles a mask well)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                              enable_gqa=k.shape[1] != q.shape[1])
+        return sdpa(q, k, v, mask)
     # "math": the explicit softmax, readable reference. Query heads are grouped by the kv head they
     # share, so K/V are broadcast instead of copied H/K times.
     B, H, T, D = q.shape
