@@ -22,14 +22,16 @@ lse = m + log(l). We work in base 2 (exp2 is one instruction; the scale absorbs 
 
 Only key tiles that straddle a boundary (the causal diagonal, the first real key, the end of the keys)
 need the visibility mask; `_key_ranges` finds the fully visible run of tiles in between, which skip it.
-The forward comes in four variants, picked by the 5th field of its tiles (bits SPLIT and TMA). SPLIT:
+The forward comes in four variants, picked by the 5th field of its tiles (bits SPLIT = 1, TMA = 2). SPLIT:
 one loop over every tile with a branch on the tile index (0), or a branch-free loop over the fully
 visible tiles followed by a loop over the few edge tiles (1), whose main loop has no branch, no load
 bounds and no mask. TMA: K/V tiles loaded by the program's own warps through cp.async (0), or fetched
 by Hopper's bulk tensor copy engine from host-made tensor descriptors (1), which frees those warps and
 registers for the softmax. All four build for sm_90 without spilling (`bench_attention.py --build-report`);
-which is fastest is the GPU sweep's to say.
-(Three loops, edge / middle / edge, spilled registers when built for sm_90 with Triton 3.9.)
+which is fastest is the GPU sweep's to say. (Three loops, edge / middle / edge, spilled registers when
+built for sm_90 with Triton 3.9.) A third bit, LONGEST_FIRST = 4, only orders the work: under a causal
+mask the query tiles of a head run last to first, so the tiles that see the most keys start first and the
+last programs of the grid are short ones (less time with most SMs idle at the end); the numbers are the same.
 
 The backward recomputes the probabilities from the saved lse (p = exp2(s - lse)) instead of storing
 them, and uses delta = rowsum(dO * O) (so dS = P * (dP - delta), the softmax Jacobian). Two kernels:
@@ -84,7 +86,7 @@ jit = triton.jit if triton is not None else (lambda fn: fn)
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 
 # Tile sizes per (kernel, head_dim): (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages), and for the
-# forward a 5th field, its variant: SPLIT + 2 * TMA (see the module docstring); head dims below 64 use the 64
+# forward a 5th field, its variant: SPLIT + 2 * TMA + 4 * LONGEST_FIRST (see the module docstring); head dims below 64 use the 64
 # row. The fastest of bench_attention.TUNE_CANDIDATES in its sweep on one H100 (B8 H32 T2048 causal bf16,
 # Triton 3.6, when only variant 0 existed; docs/PERFORMANCE.md); bench_attention.py sweeps again and overwrites
 # these for its own run.
@@ -183,10 +185,13 @@ def _fwd_tile(q, k_base, v_base, b, kvh, n0, offs_d, slot, first, end, sks, svs,
 
 @jit
 def _fwd_kernel(Q, K, V, O, LSE, FIRST, END, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot,
-                H, G, T, S, qk_scale, D: tl.constexpr, CAUSAL: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr):
+                H, G, T, S, qk_scale, D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, LONGEST_FIRST: tl.constexpr):
     # TMA: K and V arrive as tensor descriptors (B, K, S, D) with (1, 1, BLOCK_N, D) blocks, not pointers.
-    m0 = tl.program_id(0) * BLOCK_M
+    pid_m = tl.program_id(0)
+    if LONGEST_FIRST:  # causal: the last query tile of a head sees the most keys; start it first, so the short
+        pid_m = tl.num_programs(0) - 1 - pid_m  # tiles of the last heads fill the end of the run, not the long ones
+    m0 = pid_m * BLOCK_M
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
     kvh = h // G  # grouped-query attention: read the shared kv head, never a repeated copy
@@ -372,10 +377,10 @@ def _flash_forward(q, k, v, first, end, causal, tiles=None):
     K, S = k.shape[1], k.shape[2]
     cfg = _tiles("fwd", D, q, tiles)
     BM, BN, warps, stages = cfg[:4]
-    variant = cfg[4] if len(cfg) > 4 else 0  # the forward's 5th field: bit 0 SPLIT, bit 1 TMA (see TILES)
+    variant = cfg[4] if len(cfg) > 4 else 0  # the forward's 5th field: bits SPLIT, TMA, LONGEST_FIRST (see TILES)
     kk, vv = k, v
     if variant & 2 and (TensorDescriptor is None or not all(_tma_aligned(t) for t in (k, v))):
-        variant &= 1  # the copy engine needs descriptors and 16-byte aligned bases and strides; the warps' loads do not
+        variant &= ~2  # the copy engine needs descriptors and 16-byte aligned bases and strides; the warps' loads do not
     if variant & 2:  # K/V tiles by the bulk tensor copy engine: host-side descriptors with the tile's block shape
         kk, vv = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BN, D]) for t in (k, v))
     # Output laid out (B, T, H, D) in memory and returned as a (B, H, T, D) view, so the model's
@@ -385,7 +390,8 @@ def _flash_forward(q, k, v, first, end, causal, tiles=None):
     _fwd_kernel[(triton.cdiv(T, BM), B * H)](
         q, kk, vv, o, lse, first, end, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, H // K, T, S, LOG2E / math.sqrt(D), D=D, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
-        SPLIT=bool(variant & 1), TMA=bool(variant & 2), num_warps=warps, num_stages=stages)
+        SPLIT=bool(variant & 1), TMA=bool(variant & 2), LONGEST_FIRST=bool(variant & 4) and causal,
+        num_warps=warps, num_stages=stages)
     return o, lse
 
 

@@ -14,9 +14,10 @@ The sections (each a markdown table: figure | ours | HF | ratio | peak GB):
      is model.chunked_cross_entropy on the hidden states. "Compiled" is torch.compile of each decoder
      layer on both sides (the layers are identical, so one compile serves all 16).
   2. sampling tok/s, prompt 128, 256 new tokens, temperature 1, batch 1 and 64, bf16 weights: ours eager
-     and with the compiled decode_step (CUDA graph), against HF `generate` (dynamic cache) and HF with
-     cache_implementation="static", with which transformers compiles the decoding forward itself
-     (mode "reduce-overhead"). Also a correctness check: greedy tokens eager == compiled.
+     and compiled (the forward and the sampling as one CUDA graph), against HF `generate` (dynamic cache)
+     and HF with cache_implementation="static", with which transformers compiles the decoding forward
+     itself (mode "reduce-overhead"). Also correctness checks: greedy tokens eager == compiled, and
+     sampled tokens eager == compiled for the same seed.
   3. attention forward and forward+backward TFLOP/s at the 1B head shape (H32 K8 D64), B8, T 1024 and
      4096, bf16, causal: attention.py's Triton kernel against PyTorch SDPA, GPU time of calls issued back to
      back (the other sections time each call from an idle GPU, host work included).
@@ -44,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (CONFIGS, ModelConfig, Transformer, chunked_cross_entropy, chunked_token_logprobs, compiled_cache_len,
-                   compiled_decode_step, generate, ours_to_hf, pick_attention_backend)
+                   compiled_decode_sample_step, generate, ours_to_hf, pick_attention_backend, race_noise)
 
 
 @dataclass
@@ -422,9 +423,11 @@ def section_train(b: Bench) -> Section:
 
 def check_greedy_compiled(b: Bench):
     """Greedy tokens are equal with the sliced cache, with decode_step over the whole cache, and with the
-    compiled decode_step (fp32, ragged prompts); compiled twice, so the second call replays the CUDA graph."""
+    compiled decode_sample_step (fp32, ragged prompts); compiled twice, so the second call replays the CUDA
+    graph. And sampled tokens (temperature 1, the same generator seed) equal eager and compiled."""
     if not b.cuda:
-        b.checks.append(("greedy tokens eager == compiled decode_step", None, "needs CUDA"))
+        b.checks.append(("greedy tokens eager == compiled decode step", None, "needs CUDA"))
+        b.checks.append(("sampled tokens eager == compiled, same seed", None, "needs CUDA"))
         return
     try:
         torch.manual_seed(1)
@@ -436,12 +439,21 @@ def check_greedy_compiled(b: Bench):
         runs += [generate(m, prompts, 48, temperature=0.0, compile=True) for _ in range(2)]
         same = [torch.equal(eager.tokens, r.tokens) for r in runs]
         lp = max((eager.logprobs - r.logprobs).abs().max().item() for r in runs)
-        b.checks.append(("greedy tokens eager == compiled decode_step", all(same),
+        b.checks.append(("greedy tokens eager == compiled decode step", all(same),
                          f"B3 ragged prompts, 48 tokens, fp32; equal to the sliced-cache tokens "
                          f"(full cache, compiled, compiled again): {same}, max logprob diff {lp:.1e}"))
-        m.caches = None
     except Exception as e:
-        b.checks.append(("greedy tokens eager == compiled decode_step", False, error_note(e)))
+        b.checks.append(("greedy tokens eager == compiled decode step", False, error_note(e)))
+    try:  # the race's noise is drawn outside the graph in the eager order, so the same seed samples the same
+        sampled = [generate(m, prompts, 48, temperature=1.0, compile=c, generator=torch.Generator("cuda").manual_seed(3))
+                   for c in (False, True)]
+        same = torch.equal(sampled[0].tokens, sampled[1].tokens) and torch.equal(sampled[0].mask, sampled[1].mask)
+        lp = (sampled[0].logprobs - sampled[1].logprobs).abs().max().item()
+        b.checks.append(("sampled tokens eager == compiled, same seed", same,
+                         f"B3, 48 tokens at temperature 1, fp32: tokens and masks equal: {same}, max logprob diff {lp:.1e}"))
+    except Exception as e:
+        b.checks.append(("sampled tokens eager == compiled, same seed", False, error_note(e)))
+    m.caches = None
     torch._dynamo.reset()
 
 
@@ -465,19 +477,21 @@ def section_sample(b: Bench) -> Section:
         return Cell(B * N / s, gb)
 
     def decode_alone(B):
-        """N replays of the compiled decode step on the cache generate(compile=True) just left on the model:
-        the forward alone, without sampling and bookkeeping, i.e. what the model costs per token."""
+        """N replays of the graph generate(compile=True) just captured (decode_sample_step at temperature 1, on
+        the cache it left on the model), with one noise tensor: the forward and the sampling, without the
+        noise draw, the bookkeeping and the host loop around them."""
         S_max = compiled_cache_len(P, N)  # the cache generate(compile=True) captured its graph on
         ours.setup_cache(B, S_max)  # the same buffers (zeroed) the graph was captured on
-        step = compiled_decode_step()
+        step = compiled_decode_sample_step()
         tok = torch.ones(B, 1, dtype=torch.long, device=dev)
         pos, slot = torch.full((B, 1), P, device=dev), torch.tensor(P, device=dev)
         key_mask = torch.ones(B, S_max, dtype=torch.bool, device=dev)
+        noise = race_noise((B, V), dev, gen)
 
         def run():
             for _ in range(N):
                 torch.compiler.cudagraph_mark_step_begin()
-                step(ours, tok, pos, slot, key_mask)
+                step(ours, tok, pos, slot, key_mask, noise, 1.0, 0, 1.0)
         return rate(run, B)
 
     cells = {}
@@ -499,7 +513,7 @@ def section_sample(b: Bench) -> Section:
                 b.profile(f"2. generate(compile=True), B{B}, {N} tokens", lambda: generate(
                     ours, plist, N, temperature=1.0, generator=gen, compile=True))
             if compiled:
-                cells[("alone", B)] = b.cell(f"2. decode step alone (graph replay) B{B}", lambda: decode_alone(B),
+                cells[("alone", B)] = b.cell(f"2. decode graph alone (replay) B{B}", lambda: decode_alone(B),
                                              cost=10, needs_cuda=True)
             ours.caches = None
             cells[("hf", B, compiled)] = b.cell(
@@ -509,11 +523,11 @@ def section_sample(b: Bench) -> Section:
     for B in S.sample_batches:
         sec.rows.append(Row(f"sample tok/s B{B}, eager", cells[("ours", B, False)], cells[("hf", B, False)]))
         sec.rows.append(Row(f"sample tok/s B{B}, compiled", cells[("ours", B, True)], cells[("hf", B, True)]))
-        sec.rows.append(Row(f"tok/s B{B}, our compiled decode step alone (no sampling; HF: -)", cells[("alone", B)],
-                            Cell(note="-")))
-    sec.notes = ["decode step alone: the compiled forward replayed N times, no sampling or bookkeeping: its gap to "
-                 "'compiled' is what sampling and the loop around the graph cost",
-                 "compiled: ours generate(compile=True) (decode_step as a CUDA graph); HF generate with "
+        sec.rows.append(Row(f"tok/s B{B}, our decode graph alone (HF: -)", cells[("alone", B)], Cell(note="-")))
+    sec.notes = ["decode graph alone: the CUDA graph of generate(compile=True) (forward and sampling) replayed N "
+                 "times, without the noise draw, the bookkeeping and the host loop: its gap to 'compiled' is what "
+                 "those cost; profile.txt splits the graph's own time by kernel",
+                 "compiled: ours generate(compile=True) (forward and sampling as one CUDA graph); HF generate with "
                  f"cache_implementation='static' (transformers {transformers.__version__} compiles the decoding "
                  "forward itself, mode reduce-overhead)"]
     del ours, hf

@@ -52,15 +52,16 @@ SMALL = BenchConfig(batch=1, heads=4, gqa_kv_heads=2, seqs=(32,), head_dims=(16,
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant]) tried per kernel: every value of {64, 128} x {4, 8} x
 # {2, 3, 4} appears, without the full product (each candidate costs a compile of a few seconds); the forward's
-# candidates come in its four variants.
+# candidates come in its four variants, and the best-known tiles with its tiles in longest-first order (bit 4).
 TUNE_CANDIDATES = {
     "fwd": [(128, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 3, 0), (64, 64, 4, 4, 0), (128, 64, 4, 2, 0),
             (128, 64, 4, 3, 1), (128, 64, 8, 3, 1), (128, 128, 8, 3, 1), (64, 64, 4, 4, 1), (128, 64, 8, 4, 1),
-            (128, 64, 8, 3, 2), (128, 128, 8, 3, 2), (128, 64, 8, 3, 3), (128, 128, 8, 3, 3), (128, 64, 8, 4, 3)],
+            (128, 64, 8, 3, 2), (128, 128, 8, 3, 2), (128, 64, 8, 3, 3), (128, 128, 8, 3, 3), (128, 64, 8, 4, 3),
+            (128, 64, 8, 3, 4), (128, 64, 8, 3, 5), (128, 64, 8, 3, 6), (128, 64, 8, 3, 7)],
     "dkdv": [(64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
     "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (128, 128, 8, 2)],
 }
-SMALL_CANDIDATES = {"fwd": [A.INTERPRET_TILES + (v,) for v in range(4)], "dkdv": [A.INTERPRET_TILES],
+SMALL_CANDIDATES = {"fwd": [A.INTERPRET_TILES + (v,) for v in range(8)], "dkdv": [A.INTERPRET_TILES],
                     "dq": [A.INTERPRET_TILES]}
 
 
@@ -195,7 +196,7 @@ def benchmark(cfg: BenchConfig = BenchConfig()) -> int:
                    check(4, 6, 2, 300, 300, 32, True, torch.bfloat16, left=[0, 50, 0, 299])]  # model.py's "embedded"
         fixed = {name: A.TILES[(name, 64)] for name in ("fwd", "dkdv", "dq")}
         variant_case = (2, 8, 2, 777, 777, 64, True, torch.bfloat16, [0, 100], [30, 0])
-    for variant in range(4):  # every forward variant the sweep may pick, on a padded GQA case
+    for variant in range(8):  # every forward variant the sweep may pick, on a padded GQA case
         tiles = fixed | {"fwd": fixed["fwd"][:4] + (variant,)}
         results.append(check(*variant_case[:8], left=variant_case[8], right=variant_case[9], tiles=tiles))
     if torch.cuda.is_available():
@@ -279,15 +280,15 @@ def build_report(arch: int = 90, head_dims=(64, 128)) -> list[dict]:
     kernels = {"fwd": A._fwd_kernel, "dkdv": A._bwd_dkdv_kernel, "dq": A._bwd_dq_kernel}
     rows = []
     jobs = [(kind, D, A.TILES[(kind, max(D, 64))]) for D in head_dims for kind in kernels]
-    jobs += [("fwd", D, A.TILES[("fwd", D)][:4] + (v,)) for D in head_dims for v in range(4)  # the other variants
-             if v != A.TILES[("fwd", D)][4]]
+    jobs += [("fwd", D, A.TILES[("fwd", D)][:4] + (v | A.TILES[("fwd", D)][4] & 4,)) for D in head_dims
+             for v in range(4) if v != A.TILES[("fwd", D)][4] & 3]  # the other loop structures and load paths
     for kind, D, tiles in jobs:
         fn = kernels[kind]
         BM, BN, warps, stages = tiles[:4]
         consts = dict(D=D, CAUSAL=True, BLOCK_M=BM, BLOCK_N=BN)
         arg_types = dict(types)
         if kind == "fwd":
-            consts.update(SPLIT=bool(tiles[4] & 1), TMA=bool(tiles[4] & 2))
+            consts.update(SPLIT=bool(tiles[4] & 1), TMA=bool(tiles[4] & 2), LONGEST_FIRST=bool(tiles[4] & 4))
             if consts["TMA"]:  # K and V as tensor descriptors with the tile's block shape
                 arg_types.update(K=f"tensordesc<bf16[1,1,{BN},{D}]>", V=f"tensordesc<bf16[1,1,{BN},{D}]>")
         signature = {a: "constexpr" if a in consts else arg_types.get(a, "i32") for a in fn.arg_names}  # rest: i32

@@ -156,6 +156,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == self.weight.dtype == torch.float32 and not torch.compiler.is_compiling():
+            # The residual stream in training (fp32 under autocast): PyTorch's rms_norm, the same math as
+            # below, one fused kernel forward and one backward on CUDA (eagerly, five kernels and their saved
+            # tensors each way). Under torch.compile the plain form, which the compiler fuses with its neighbours.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Statistics in fp32 even under bf16 autocast; cast back before the gain, in HF's order.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -679,10 +684,12 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None):
     return ids.to(device), mask.to(device)
 
 
-def sample_token(logits, temperature: float, top_k: int, top_p: float, generator=None):
+def sample_token(logits, temperature: float, top_k: int, top_p: float, generator=None, noise=None):
     """logits (B, V) fp32 -> (token (B,), logprob (B,), entropy (B,)). Log-prob and entropy are those
     of the policy's distribution softmax(logits / T), before any top-k / top-p truncation: that is
-    the distribution PPO's ratio and CCRL's confidence are defined on (use top_k=0, top_p=1 there)."""
+    the distribution PPO's ratio and CCRL's confidence are defined on (use top_k=0, top_p=1 there).
+    noise: (B, V) fp32 Exp(1) draws for the exponential race (race_noise), when the caller draws them (a
+    compiled step cannot take a generator); by default they are drawn here on CUDA."""
     t = temperature if temperature > 0 else 1.0
     logp = torch.log_softmax(logits / t, dim=-1)
     entropy = -(logp.exp() * logp).sum(-1)
@@ -698,14 +705,19 @@ def sample_token(logits, temperature: float, top_k: int, top_p: float, generator
             cum = sorted_lp.exp().cumsum(-1)
             drop = cum - sorted_lp.exp() > top_p  # keep the smallest prefix whose mass reaches top_p
             filt = filt.scatter(-1, idx, sorted_lp.masked_fill(drop, float("-inf")))
-        if filt.is_cuda:
+        if noise is not None or filt.is_cuda:
             # Exponential race: argmax p / E with E ~ Exp(1) samples from p without the device->host
             # sync that torch.multinomial costs on CUDA.
-            e = torch.empty_like(filt).exponential_(1, generator=generator)
+            e = noise if noise is not None else race_noise(filt.shape, filt.device, generator)
             token = (filt.exp() / e).argmax(-1)
         else:  # on the CPU there is no sync to avoid, and multinomial is ~10x cheaper than V exponentials
             token = torch.multinomial(filt.exp(), 1, generator=generator).squeeze(-1)
     return token, logp.gather(-1, token[:, None]).squeeze(-1), entropy
+
+
+def race_noise(shape, device, generator=None):
+    """The Exp(1) draws of one exponential-race sample, fp32 (B, V)."""
+    return torch.empty(shape, device=device).exponential_(1, generator=generator)
 
 
 def decode_step(model: Transformer, tokens, positions, slot, key_mask):
@@ -716,9 +728,22 @@ def decode_step(model: Transformer, tokens, positions, slot, key_mask):
     return model(tokens, position_ids=positions, cache_start=slot, key_mask=key_mask)[:, -1].float()
 
 
+def decode_sample_step(model: Transformer, tokens, positions, slot, key_mask, noise, temperature: float,
+                       top_k: int, top_p: float):
+    """decode_step, then sample_token on its logits: what generate(compile=True) compiles, so that one CUDA
+    graph holds the forward and the sampling, which eagerly are some twenty small kernels per token, each
+    reading or writing the (B, V) fp32 logits. noise: race_noise's draws (None when greedy), made by the
+    caller from its generator, so the compiled sampler draws the same numbers the eager one does."""
+    logits = decode_step(model, tokens, positions, slot, key_mask)
+    return sample_token(logits, temperature, top_k, top_p, noise=noise)
+
+
+COMPILE_DEVICES = ("cuda",)  # where generate(compile=True) compiles (the tests add "cpu" with an aot_eager compile)
+
+
 @functools.cache
-def compiled_decode_step():
-    return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+def compiled_decode_sample_step():
+    return torch.compile(decode_sample_step, mode="reduce-overhead", fullgraph=True)
 
 
 @torch.no_grad()
@@ -744,16 +769,18 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
     static: decode with decode_step over the whole cache (fixed shapes) rather than the cache sliced to
     the current length; the same tokens either way. None = on CUDA only (on a CPU slicing is cheaper).
-    compile=True (CUDA only; ignored elsewhere) runs decode_step as a compiled CUDA graph. The cache
-    length is then rounded up to a multiple of 64 (fewer distinct shapes to compile) and the cache is
-    kept on the model for the next call, so the graph replays on the same buffers; `model.caches = None`
-    frees it.
+    compile=True (CUDA only; ignored elsewhere) runs decode_sample_step, the forward and the sampling, as
+    one compiled CUDA graph; the same tokens as eager for the same generator (the race's noise is drawn
+    outside the graph, in the eager order). The cache length is then rounded up to a multiple of 64 (fewer
+    distinct shapes to compile) and the cache is kept on the model for the next call, so the graph replays
+    on the same buffers; `model.caches = None` frees it. temperature, top_k and top_p are constants of
+    the graph: another value compiles another graph.
     across_ranks: decode until every rank's rows are done, not just this rank's: under FSDP each forward
     is a collective, so all ranks must take the same number of steps."""
     dev = model.lm_head.weight.device
-    compiled = compile and dev.type == "cuda"
+    compiled = compile and dev.type in COMPILE_DEVICES
     static = compiled or (dev.type == "cuda" if static is None else static)
-    step = compiled_decode_step() if compiled else decode_step
+    step = compiled_decode_sample_step() if compiled else None
     ids, pmask = left_pad(prompts, pad_id, dev)
     B, P = ids.shape
     S = compiled_cache_len(P, max_new_tokens) if compiled else P + max_new_tokens  # cache slots
@@ -767,10 +794,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     gmask = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     logits = model(ids, position_ids=pos, cache_start=0, key_mask=key_mask[:, :P], last_only=True)[:, -1].float()
+    tok, lp, ent = sample_token(logits, temperature, top_k, top_p, generator)  # the first new token
     next_pos = pos[:, -1:] + 1  # (B, 1)
     slot = torch.tensor(P, device=dev)
     for i in range(max_new_tokens):
-        tok, lp, ent = sample_token(logits, temperature, top_k, top_p, generator)
         alive = ~finished
         tok = torch.where(alive, tok, pad_id)
         out[:, i] = tok
@@ -781,12 +808,19 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         if i + 1 == max_new_tokens or ((i + 1) % sync_every == 0 and all_done(finished, across_ranks)):
             break
         if compiled:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
-        if static:
-            logits = step(model, tok[:, None], next_pos, slot, key_mask)
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs were copied out above
+            noise = race_noise(logits.shape, dev, generator) if temperature > 0 else None  # (B, V)
+            # specialize_float: temperature and top_p become constants of the graph; otherwise a second value
+            # would turn them into 0-d CPU tensor inputs of every later graph.
+            with torch._dynamo.config.patch(specialize_float=True):
+                tok, lp, ent = step(model, tok[:, None], next_pos, slot, key_mask, noise, temperature, top_k, top_p)
         else:
-            logits = model(tok[:, None], position_ids=next_pos, cache_start=P + i,
-                           key_mask=key_mask[:, :P + i + 1])[:, -1].float()
+            if static:
+                logits = decode_step(model, tok[:, None], next_pos, slot, key_mask)
+            else:
+                logits = model(tok[:, None], position_ids=next_pos, cache_start=P + i,
+                               key_mask=key_mask[:, :P + i + 1])[:, -1].float()
+            tok, lp, ent = sample_token(logits, temperature, top_k, top_p, generator)
         next_pos, slot = next_pos + 1, slot + 1
     n = i + 1
     if not compiled:

@@ -103,6 +103,13 @@ CASES = [
     (2, 2, 1, 1, 19, 32, True, (0, 18), None, SPLIT_TMA16),
     (2, 4, 2, 300, 300, 16, True, (0, 70), (0, 9),
      {"fwd": (128, 64, 4, 3, 3), "dkdv": (64, 128, 8, 2), "dq": (64, 64, 4, 3)}),
+    # Query tiles last to first (LONGEST_FIRST, bit 4), with each loop structure and load path; ignored if not causal.
+    (2, 4, 2, 37, 37, 32, True, (0, 9), (0, 5), {**SPLIT16, "fwd": (16, 16, 1, 1, 4)}),
+    (2, 4, 1, 37, 37, 16, True, (3, 20), (4, 0), {**SPLIT16, "fwd": (16, 16, 1, 1, 5)}),
+    (2, 4, 2, 3, 20, 16, True, (2, 5), None, {**SPLIT16, "fwd": (16, 16, 1, 1, 6)}),
+    (1, 2, 1, 21, 21, 16, False, None, None, {**SPLIT16, "fwd": (16, 16, 1, 1, 7)}),
+    (2, 4, 2, 300, 300, 16, True, (0, 70), (0, 9),
+     {"fwd": (128, 64, 4, 3, 7), "dkdv": (64, 128, 8, 2), "dq": (64, 64, 4, 3)}),
 ]
 
 
@@ -299,8 +306,8 @@ def test_the_whole_gpu_script_runs_as_a_dry_run_on_the_cpu(monkeypatch, capsys):
     assert bench_attention.main(["--small"]) == 0
     out = capsys.readouterr().out
     checks = [line for line in out.splitlines() if line.endswith(("PASS", "FAIL"))]
-    assert len(checks) == 8 and all(line.endswith("PASS") for line in checks), out
-    assert all(f"forward variant {v}:" in out for v in range(4)), out
+    assert len(checks) == 12 and all(line.endswith("PASS") for line in checks), out
+    assert all(f"forward variant {v}:" in out for v in range(8)), out
     rows = [line for line in out.splitlines() if line.startswith("| 1 | 4 |")]
     assert len(rows) == 6 and all(line.count("|") == 14 for line in rows), out  # 13 columns each
     assert ("fwd", 16) in attention.TILES and "chosen" in out

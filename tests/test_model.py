@@ -153,6 +153,28 @@ def test_generate_keeps_no_graph_when_called_with_grad_enabled():
         assert not (g.logprobs.requires_grad or g.entropies.requires_grad), static
 
 
+def test_rmsnorm_equals_transformers_in_every_dtype_it_meets():
+    # fp32 input (the training residual stream under autocast) takes PyTorch's fused rms_norm; bf16 input (q/k
+    # norms under autocast, bf16 weights when sampling) the explicit form in HF's order. Both against HF's module.
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    g = torch.Generator().manual_seed(3)
+    for x_dtype, w_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                             (torch.bfloat16, torch.bfloat16)):
+        ours, hf = M.RMSNorm(48, 1e-6), LlamaRMSNorm(48, eps=1e-6)
+        w = 1 + 0.3 * torch.randn(48, generator=g)
+        for m in (ours, hf):
+            m.weight.data = w.clone().to(w_dtype)
+        x = (3 * torch.randn(4, 7, 48, generator=g)).to(x_dtype)
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        ys = [m(xi) for m, xi in zip((ours, hf), xs)]
+        assert ys[0].dtype == ys[1].dtype
+        assert torch.equal(ys[0], ys[1]), (x_dtype, w_dtype, (ys[0] - ys[1]).abs().max())
+        dy = torch.randn(ys[0].shape, generator=g).to(ys[0].dtype)
+        grads = [torch.autograd.grad(y, (xi, m.weight), dy) for y, xi, m in zip(ys, xs, (ours, hf))]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_sampling_filters():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
     gen = torch.Generator().manual_seed(0)

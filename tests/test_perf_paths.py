@@ -133,6 +133,54 @@ def test_decode_step_traces_as_one_graph():
     torch._dynamo.reset()
 
 
+def test_compiled_generate_loop_samples_what_the_eager_step_samples(monkeypatch):
+    """generate(compile=True)'s loop (the forward and the sampling in one compiled step, the race's noise drawn
+    outside it), run on the CPU with an aot_eager compile: the same tokens and log-probs as the same loop
+    with the step uncompiled; greedy, the tokens of the eager generate; sampled log-probs and entropies
+    those of a full-forward recomputation; and temperature / top_p never become graph inputs, so a second
+    temperature does not turn them into 0-d CPU tensors of every later graph (the CUDA graph cannot take them)."""
+    torch._dynamo.reset()
+    graph_inputs = []
+
+    def backend(gm, inputs):
+        graph_inputs.append(inputs)
+        return torch._dynamo.backends.debugging.aot_eager(gm, inputs)
+
+    m = randomize(Transformer(tiny("qwen3", heads=4, kv=2, head_dim=16)), 6).eval()
+    prompts = [[5, 9, 13, 2, 40, 7], [7, 3], [11, 12, 13, 14]]
+    monkeypatch.setattr(M, "COMPILE_DEVICES", ("cuda", "cpu"))
+    runs = {}
+    for name, step in (("plain", M.decode_sample_step),
+                       ("compiled", torch.compile(M.decode_sample_step, backend=backend, fullgraph=True))):
+        monkeypatch.setattr(M, "compiled_decode_sample_step", lambda step=step: step)
+        runs[name] = [generate(m, prompts, 12, temperature=t, stop_ids={3}, compile=True,
+                               generator=torch.Generator().manual_seed(5)) for t in (0.0, 0.8, 1.3)]
+        m.caches = None
+    for plain, comp in zip(runs["plain"], runs["compiled"]):
+        assert torch.equal(plain.tokens, comp.tokens) and torch.equal(plain.mask, comp.mask)
+        torch.testing.assert_close(comp.logprobs, plain.logprobs, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(comp.entropies, plain.entropies, atol=1e-6, rtol=1e-6)
+    greedy = generate(m, prompts, 12, temperature=0.0, stop_ids={3})
+    assert torch.equal(runs["compiled"][0].tokens, greedy.tokens)
+    g = runs["compiled"][2]  # temperature 1.3: recompute every sampled token's log-prob and entropy
+    assert g.mask.sum() > 12 and not torch.equal(g.tokens, greedy.tokens)
+    seqs = [p + g.tokens[i][g.mask[i].bool()].tolist() for i, p in enumerate(prompts)]
+    ids, mask = M.left_pad(seqs, 0)
+    with torch.no_grad():
+        logp = (m(ids, attention_mask=mask).float() / 1.3).log_softmax(-1)
+    for i, p in enumerate(prompts):
+        n, off = int(g.mask[i].sum()), ids.shape[1] - len(seqs[i]) + len(p)
+        lp = logp[i, off - 1:off - 1 + n]  # (n, V): the distributions the n tokens were drawn from
+        torch.testing.assert_close(lp.gather(-1, g.tokens[i, :n, None]).squeeze(-1), g.logprobs[i, :n], atol=1e-5,
+                                   rtol=1e-5)
+        torch.testing.assert_close(-(lp.exp() * lp).sum(-1), g.entropies[i, :n], atol=1e-5, rtol=1e-5)
+    assert len(graph_inputs) == 3  # one graph per temperature (greedy has no noise)
+    for inputs in graph_inputs:
+        zero_d = [x for x in inputs if isinstance(x, torch.Tensor) and x.dim() == 0]
+        assert all(not x.is_floating_point() for x in zero_d), [x.dtype for x in zero_d]  # only the slot index
+    torch._dynamo.reset()
+
+
 def test_setup_cache_reuses_and_clears_buffers():
     m = Transformer(tiny())
     m.setup_cache(2, 16)
