@@ -166,7 +166,7 @@ class Shapes:
     tiny: bool = False  # shrink the config's widths and depth (--small)
     train_batch: int = 8
     train_seq: int = 1024
-    chunk_rows: int = 1024  # rows per chunk of the chunked losses
+    chunk_rows: Optional[int] = None  # rows per chunk of the chunked losses (None: the losses' own defaults)
     prompt: int = 128
     new_tokens: int = 256
     sample_batches: tuple = (1, 64)
@@ -386,6 +386,7 @@ def section_train(b: Bench) -> Section:
             layer.compile()
         return tput(step, S.warmup + 1)
 
+    check_fused_loss(b, ours, ids)
     eager = b.cell("1. train ours eager", lambda: tput(ours_step, S.warmup), cost=20)
     if eager.value is not None:
         b.profile(f"1. training step, ours eager ({S.config}, B{B} T{T})", ours_step)
@@ -419,6 +420,32 @@ def section_train(b: Bench) -> Section:
                  "its forward); HF: its own loss from labels",
                  "compiled: torch.compile of each decoder layer (Block / LlamaDecoderLayer), eager elsewhere"]
     return sec
+
+
+def check_fused_loss(b: Bench, model, ids):
+    """The loss sft.py trains with on CUDA (chunked_cross_entropy(fused=True): gradients in the forward, each
+    chunk's softmax gradient by cross_entropy.py's Triton kernel) against the checkpointed form (plain PyTorch
+    ops, recomputed in the backward), under the same bf16 autocast: loss and every gradient."""
+    name = "fused loss (Triton cross-entropy kernel) == checkpointed loss"
+    if not b.cuda:
+        b.checks.append((name, None, "needs CUDA"))
+        return
+    try:
+        x = ids[:2, :256]
+        res = []
+        for fused in (True, False):
+            with b.autocast():
+                total, n = chunked_cross_entropy(model(x, logits=False)[:, :-1], model.lm_head_weight, x[:, 1:],
+                                                 fused=fused)
+            grads = torch.autograd.grad(total / n, list(model.parameters()))
+            res.append((total.detach(), grads))
+        (l1, g1), (l2, g2) = res
+        loss_err = ((l1 - l2).abs() / l2.abs()).item()
+        grad_err = max(((a - c).norm() / c.norm().clamp_min(1e-30)).item() for a, c in zip(g1, g2))
+        b.checks.append((name, loss_err < 1e-3 and grad_err < 2e-2,
+                         f"B2 T256, bf16 autocast: loss rel diff {loss_err:.1e}, largest gradient rel diff {grad_err:.1e}"))
+    except Exception as e:
+        b.checks.append((name, False, error_note(e)))
 
 
 def check_greedy_compiled(b: Bench):
@@ -593,7 +620,7 @@ def section_ppo(b: Bench) -> Section:
 
     def ours_score(m, ids, toks):
         h = m(ids, logits=False)[:, P - 1:P - 1 + toks.shape[1]]  # (b, N, d): the states that predict toks
-        return chunked_token_logprobs(h, m.lm_head_weight, toks, 1.0, S.chunk_rows), h
+        return chunked_token_logprobs(h, m.lm_head_weight, toks, 1.0, S.chunk_rows or 1024), h
 
     def hf_rollout(m, N):
         ids = prompts.to(dev)
