@@ -144,6 +144,22 @@ def pass_at_k(n, c, k):
     return 1.0 - prod
 
 
+def correctness_variance(n_c):
+    """How the variance of a sample's correctness splits, from (n samples, c correct) per problem (n >= 2):
+    total = p(1 - p) over all samples (p their accuracy); within = the mean over problems of p_i (1 - p_i),
+    estimated without bias by c (n - c) / (n (n - 1)); share = within / total, the part of a reward's spread
+    that tells two answers to the same problem apart (the rest says which problems are easy); mixed = the
+    fraction of problems with both right and wrong samples. None where undefined."""
+    n_c = [(n, c) for n, c in n_c if n >= 2]
+    if not n_c:
+        return None
+    p = sum(c for _, c in n_c) / sum(n for n, _ in n_c)
+    within = _mean(c * (n - c) / (n * (n - 1)) for n, c in n_c)
+    total = p * (1 - p)
+    return {"total": total, "within": within, "share": _ratio(within, total),
+            "mixed": _mean(0 < c < n for n, c in n_c)}
+
+
 def summarize_set(records, thresholds=(0.5, 0.7, 0.9), n_bins=10):
     """Metrics of one problem set from its per-problem records (see evaluate())."""
     responses = [r for p in records for r in p["responses"]]
@@ -159,6 +175,7 @@ def summarize_set(records, thresholds=(0.5, 0.7, 0.9), n_bins=10):
         n_c = [(len(p["responses"]), sum(r["correct"] for r in p["responses"])) for p in records]
         out["pass_at_k"] = {str(k): _mean(pass_at_k(m, c, k) for m, c in n_c)
                             for k in sorted({k for k in (1, 2, 4, 8, 16, 32, 64, n) if k <= n})}
+        out["correctness_variance"] = correctness_variance(n_c)
     out.update(number_metrics(numbers, thresholds, n_bins))
     return out
 

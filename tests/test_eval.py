@@ -91,6 +91,22 @@ def test_pass_at_k_brute_force():
         ev.pass_at_k(3, 1, 4)
 
 
+def test_correctness_variance_by_hand_and_unbiased():
+    # p = 7/14 = 0.5; within-problem terms c(n-c)/(n(n-1)): 0, 0, 4/12, 1/2
+    v = ev.correctness_variance([(4, 0), (4, 4), (4, 2), (2, 1)])
+    assert v["total"] == pytest.approx(0.25) and v["within"] == pytest.approx((1 / 3 + 1 / 2) / 4)
+    assert v["share"] == pytest.approx((1 / 3 + 1 / 2) / 4 / 0.25) and v["mixed"] == pytest.approx(0.5)
+    assert ev.correctness_variance([(1, 1), (1, 0)]) is None  # one sample per problem: no within-problem spread
+    # Unbiased: two samples per problem, p_i uniform on [0, 1]: E p(1 - p) = 1/6 (the plain p_hat(1 - p_hat)
+    # of two samples would give half of that); and with every problem at the same p, all the variance is within.
+    rng = np.random.default_rng(0)
+    p = rng.random(20000)
+    v = ev.correctness_variance([(2, int(c)) for c in rng.binomial(2, p)])
+    assert v["within"] == pytest.approx(1 / 6, abs=0.005) and v["share"] == pytest.approx(2 / 3, abs=0.02)
+    v = ev.correctness_variance([(8, int(c)) for c in rng.binomial(8, 0.3, size=20000)])
+    assert v["share"] == pytest.approx(1.0, abs=0.02)
+
+
 def fake_records(rng, n_problems, n_samples):
     recs = []
     for i in range(n_problems):
