@@ -425,10 +425,12 @@ def section_train(b: Bench) -> Section:
 def check_fused_loss(b: Bench, model, ids):
     """The loss sft.py trains with on CUDA (chunked_cross_entropy(fused=True): gradients in the forward, each
     chunk's softmax gradient by cross_entropy.py's Triton kernel) against the checkpointed form (plain PyTorch
-    ops, recomputed in the backward), under the same bf16 autocast: loss and every gradient."""
+    ops, recomputed in the backward), under the same bf16 autocast: loss and every gradient. And ppo.py's token
+    log-probs (model.chunked_token_logprobs) through the same kernels against their checkpointed form."""
     name = "fused loss (Triton cross-entropy kernel) == checkpointed loss"
     if not b.cuda:
         b.checks.append((name, None, "needs CUDA"))
+        b.checks.append(("token log-probs (Triton kernels) == checkpointed PyTorch form", None, "needs CUDA"))
         return
     try:
         x = ids[:2, :256]
@@ -444,6 +446,28 @@ def check_fused_loss(b: Bench, model, ids):
         grad_err = max(((a - c).norm() / c.norm().clamp_min(1e-30)).item() for a, c in zip(g1, g2))
         b.checks.append((name, loss_err < 1e-3 and grad_err < 2e-2,
                          f"B2 T256, bf16 autocast: loss rel diff {loss_err:.1e}, largest gradient rel diff {grad_err:.1e}"))
+    except Exception as e:
+        b.checks.append((name, False, error_note(e)))
+    # ppo.py's scoring: chunked_token_logprobs through _TokenLogprobs and the kernels, against the checkpointed
+    # PyTorch form (which entropy=True takes), at the rollout temperature ppo.py defaults to and at 0.5.
+    name = "token log-probs (Triton kernels) == checkpointed PyTorch form"
+    try:
+        x = ids[:2, :256]
+        worst = [0.0, 0.0]
+        for temperature in (1.0, 0.5):
+            res = []
+            for kernel in (True, False):
+                with b.autocast():
+                    h = model(x, logits=False)[:, :-1]
+                    logp = chunked_token_logprobs(h, model.lm_head_weight, x[:, 1:], temperature, entropy=not kernel)
+                logp = logp if kernel else logp[0]
+                res.append((logp.detach(), torch.autograd.grad(logp.sum(), list(model.parameters()))))
+            (l1, g1), (l2, g2) = res
+            worst[0] = max(worst[0], (l1 - l2).abs().max().item())
+            worst[1] = max(worst[1], max(((a - c).norm() / c.norm().clamp_min(1e-30)).item() for a, c in zip(g1, g2)))
+        b.checks.append((name, worst[0] < 5e-2 and worst[1] < 2e-2,
+                         f"B2 T256, bf16 autocast, T 1 and 0.5: largest log-prob diff {worst[0]:.1e}, "
+                         f"largest gradient rel diff {worst[1]:.1e}"))
     except Exception as e:
         b.checks.append((name, False, error_note(e)))
 

@@ -908,13 +908,60 @@ def _logprob_chunk(h, weight, tokens, temperature: float, entropy: bool):
     return logp, lse - (torch.softmax(z, dim=-1) * z).sum(-1)  # H = lse - E_p[z]
 
 
+class _TokenLogprobs(torch.autograd.Function):
+    """log p(token) per row of softmax(h @ weight.T / T), a chunk of rows at a time, through cross_entropy.py's
+    kernels: the forward keeps one number per row, its log-sum-exp; the backward recomputes each chunk's
+    logits (as activation checkpointing does) and writes their gradient over them in one pass. Against the
+    checkpointed PyTorch form, the same matmuls and one pass over each chunk's logits instead of a dozen."""
+
+    @staticmethod
+    def forward(ctx, h, weight, tokens, temperature: float, chunk_rows: int):
+        from cross_entropy import token_lse
+        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        w = weight.to(dt)
+        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # (N,)
+        logp = torch.empty_like(lse)
+        for s in range(0, h.shape[0], chunk_rows):
+            z = F.linear(h[s:s + chunk_rows].to(dt), w)  # (n, V)
+            lse[s:s + chunk_rows], zt = token_lse(z, tokens[s:s + chunk_rows], temperature)
+            logp[s:s + chunk_rows] = zt - lse[s:s + chunk_rows]
+        ctx.save_for_backward(h, weight, tokens, lse)
+        ctx.dt, ctx.temperature, ctx.chunk_rows = dt, temperature, chunk_rows
+        return logp
+
+    @staticmethod
+    def backward(ctx, dlogp):
+        from cross_entropy import softmax_grad_
+        h, weight, tokens, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        w, n = weight.to(ctx.dt), ctx.chunk_rows
+        dh = torch.empty_like(h) if need_h else None  # (N, d)
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V, d)
+        # d logp_i / d z_i = (onehot(t_i) - p_i) / T, so the gradient is scale_i * (p_i - onehot) with this scale:
+        scale = -dlogp.float() / ctx.temperature  # (N,)
+        for s in range(0, h.shape[0], n):
+            hc = h[s:s + n].to(ctx.dt)
+            g = softmax_grad_(F.linear(hc, w), tokens[s:s + n], lse[s:s + n], scale[s:s + n], ctx.temperature)
+            if need_h:
+                dh[s:s + n] = g @ w  # (n, d)
+            if need_w:
+                dw.add_(g.T @ hc)  # (V, d), accumulated in fp32
+        return dh, None if dw is None else dw.to(weight.dtype), None, None, None
+
+
 def chunked_token_logprobs(hidden, weight, tokens, temperature: float = 1.0, chunk_rows: int = 1024,
                            entropy: bool = False):
     """hidden (B, T, d), weight (V, d), tokens (B, T) -> log p(token) (B, T) fp32 under
     softmax(hidden @ weight.T / temperature), and with entropy=True also the entropies (B, T) fp32 of
-    that distribution. The same as log_softmax(logits / T).gather(tokens), with gradients."""
+    that distribution. The same as log_softmax(logits / T).gather(tokens), with gradients. Without
+    entropies, where cross_entropy.py's kernels run (CUDA) and the weight is a plain tensor (not an
+    FSDP-sharded one): _TokenLogprobs."""
     B, T = tokens.shape
     h = hidden.reshape(B * T, hidden.shape[-1])  # (B*T, d)
+    if not entropy and type(weight) in (torch.Tensor, nn.Parameter):
+        from cross_entropy import kernel_runs_on
+        if kernel_runs_on(h):
+            return _TokenLogprobs.apply(h, weight, tokens.reshape(-1), temperature, chunk_rows).view(B, T)
     parts = [checkpoint(_logprob_chunk, hc, weight, tc, temperature, entropy, use_reentrant=False)
              for hc, tc in zip(h.split(chunk_rows), tokens.reshape(-1).split(chunk_rows))]
     if not entropy:
