@@ -11,7 +11,7 @@ random weights (nothing downloaded).
 The sections (each a markdown table: figure | ours | HF | ratio | peak GB):
   1. training step tok/s and MFU, llama-1b, B8 T1024, bf16 autocast, fused AdamW: ours eager, with
      attn="triton", compiled, against HF eager and compiled. HF computes its own loss from `labels`; ours
-     is model.chunked_cross_entropy on the hidden states. "Compiled" is torch.compile of each decoder
+     is cross_entropy.chunked_cross_entropy on the hidden states. "Compiled" is torch.compile of each decoder
      layer on both sides (the layers are identical, so one compile serves all 16).
   2. sampling tok/s, prompt 128, 256 new tokens, temperature 1, batch 1 and 64, bf16 weights: ours eager
      and compiled (the forward and the sampling as one CUDA graph), against HF `generate` (dynamic cache)
@@ -44,8 +44,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (CONFIGS, ModelConfig, Transformer, chunked_cross_entropy, chunked_token_logprobs, compiled_cache_len,
-                   compiled_decode_sample_step, generate, ours_to_hf, pick_attention_backend, race_noise)
+from cross_entropy import chunked_cross_entropy, chunked_token_logprobs
+from model import (CONFIGS, ModelConfig, Transformer, compiled_cache_len, compiled_decode_sample_step, generate, ours_to_hf,
+                   pick_attention_backend, race_noise)
 
 
 @dataclass
@@ -416,7 +417,7 @@ def section_train(b: Bench) -> Section:
     sec.rows = [Row("train tok/s, eager", eager, hf_eager), Row("train tok/s, compiled", ours_c, hf_c),
                 Row("train tok/s, ours eager with the checkpointed (recomputing) loss", recomputed, hf_eager),
                 Row("train tok/s, ours attn=triton vs HF eager", triton, hf_eager)]
-    sec.notes = ["ours: model.chunked_cross_entropy on forward(logits=False), fused on CUDA (gradients computed in "
+    sec.notes = ["ours: cross_entropy.chunked_cross_entropy on forward(logits=False), fused on CUDA (gradients computed in "
                  "its forward); HF: its own loss from labels",
                  "compiled: torch.compile of each decoder layer (Block / LlamaDecoderLayer), eager elsewhere"]
     return sec
@@ -426,7 +427,7 @@ def check_fused_loss(b: Bench, model, ids):
     """The loss sft.py trains with on CUDA (chunked_cross_entropy(fused=True): gradients in the forward, each
     chunk's softmax gradient by cross_entropy.py's Triton kernel) against the checkpointed form (plain PyTorch
     ops, recomputed in the backward), under the same bf16 autocast: loss and every gradient. And ppo.py's token
-    log-probs (model.chunked_token_logprobs) through the same kernels against their checkpointed form."""
+    log-probs (cross_entropy.chunked_token_logprobs) through the same kernels against their checkpointed form."""
     name = "fused loss (Triton cross-entropy kernel) == checkpointed loss"
     if not b.cuda:
         b.checks.append((name, None, "needs CUDA"))

@@ -30,7 +30,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -397,7 +396,7 @@ class Transformer(nn.Module):
                 key_mask=None, return_hidden: bool = False, last_only: bool = False, logits: bool = True):
         """input_ids (B, T) -> logits (B, T, V) (or (B, 1, V) with last_only), and the final hidden
         states (B, T, hidden) with return_hidden. logits=False returns only the final (normed) hidden
-        states and never runs the lm_head: for chunked_cross_entropy / chunked_token_logprobs.
+        states and never runs the lm_head: for cross_entropy.py's chunked_cross_entropy / chunked_token_logprobs.
 
         Training / scoring: `attention_mask` (B, T) marks real tokens (left padding allowed); positions
         are derived from it so a left-padded row is computed exactly as the unpadded one.
@@ -826,147 +825,6 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if not compiled:
         model.caches = None  # free the cache memory between calls
     return Generation(out[:, :n], logprobs[:, :n], entropies[:, :n], gmask[:, :n], finished)
-
-
-# -----------------------------------------------------------------------------------------------
-# Losses from final hidden states (forward(..., logits=False)): the logits exist one chunk of rows at a
-# time, in the autocast dtype, under activation checkpointing, so the backward recomputes each chunk's
-# logits instead of keeping (B, T, V) of them. The log-sum-exp is taken in fp32.
-
-
-def _nll_chunk(h, weight, targets, ignore_index: int):
-    logits = F.linear(h, weight)  # (n, V)
-    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """The summed NLL of softmax(h @ weight.T) and its gradients in one pass over row chunks. The gradient
-    of the NLL sum with respect to a row's logits is softmax - onehot (0 on ignored rows), so each chunk's
-    dh and dweight are computed right after its loss, while its logits exist, and kept for the backward:
-    the output projection runs once forward and twice for gradients, as without chunking, instead of the
-    extra forward that recomputing each chunk in the backward costs (2 * N * d * V FLOPs, 7% of a llama-1b
-    training step). The price: dweight (V, d) fp32 is held from the forward to the backward."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows: int, ignore_index: int):
-        need_h, need_w = ctx.needs_input_grad[:2]
-        dh = torch.zeros_like(h) if need_h else None  # (N, d)
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V, d)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        # The matmuls' dtype: autocast's (bf16) if on, else the inputs'. The weight is cast once, not per chunk.
-        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        w = weight.to(dt)
-        from cross_entropy import cross_entropy_  # (its Triton kernel on CUDA; plain PyTorch elsewhere)
-        for s in range(0, h.shape[0], chunk_rows):
-            hc, tc = h[s:s + chunk_rows].to(dt), targets[s:s + chunk_rows]  # (n, d), (n,)
-            z = F.linear(hc, w)  # (n, V) logits in the matmuls' dtype
-            nll, g = cross_entropy_(z, tc, ignore_index)  # their NLL sum and d(NLL sum)/d logits (n, V), dt
-            total = total + nll
-            if need_h:
-                dh[s:s + chunk_rows] = g @ w  # (n, d)
-            if need_w:
-                dw.add_(g.T @ hc)  # (V, d), accumulated in fp32
-        ctx.save_for_backward(dh, dw)
-        ctx.weight_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        dh, dw = ctx.saved_tensors  # scaled by the upstream gradient (e.g. 1 / token count)
-        return (None if dh is None else dh * grad_total.to(dh.dtype),
-                None if dw is None else (dw * grad_total).to(ctx.weight_dtype), None, None, None)
-
-
-def chunked_cross_entropy(hidden, weight, targets, chunk_rows: Optional[int] = None, ignore_index: int = -100,
-                          fused: bool = False):
-    """hidden (..., d), weight (V, d) (model.lm_head_weight), targets (...) ids, ignore_index where no
-    loss is taken -> (sum of the NLL over counted targets, fp32 0-d; their count, long 0-d). Equal to
-    F.cross_entropy(hidden @ weight.T, targets, reduction="sum") and its gradients.
-    fused=False: each chunk's logits are recomputed in the backward (activation checkpointing). fused=True:
-    the gradients are computed in the forward (_LinearCrossEntropy), one matmul fewer per chunk; used on
-    CUDA with plain (not FSDP-sharded) weights, and only when a gradient is wanted.
-    chunk_rows: rows of logits at a time; by default 1024, and 4096 fused, whose chunks cost less memory (the
-    bf16 logits only, the gradient written over them: 1 GB at a 128k vocabulary) and each add a (V, d) fp32
-    read and write to dweight's accumulation (3 GB of traffic at llama-1b), so fewer is faster."""
-    chunk_rows = chunk_rows or (4096 if fused else 1024)
-    h = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
-    t = targets.reshape(-1)  # (N,)
-    if fused and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, weight, t, chunk_rows, ignore_index), (t != ignore_index).sum()
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
-    for hc, tc in zip(h.split(chunk_rows), t.split(chunk_rows)):
-        total = total + checkpoint(_nll_chunk, hc, weight, tc, ignore_index, use_reentrant=False)
-    return total, (t != ignore_index).sum()
-
-
-def _logprob_chunk(h, weight, tokens, temperature: float, entropy: bool):
-    z = F.linear(h, weight).float() / temperature  # (n, V) fp32
-    lse = torch.logsumexp(z, dim=-1)  # (n,)
-    logp = z.gather(-1, tokens[:, None]).squeeze(-1) - lse
-    if not entropy:
-        return logp
-    return logp, lse - (torch.softmax(z, dim=-1) * z).sum(-1)  # H = lse - E_p[z]
-
-
-class _TokenLogprobs(torch.autograd.Function):
-    """log p(token) per row of softmax(h @ weight.T / T), a chunk of rows at a time, through cross_entropy.py's
-    kernels: the forward keeps one number per row, its log-sum-exp; the backward recomputes each chunk's
-    logits (as activation checkpointing does) and writes their gradient over them in one pass. Against the
-    checkpointed PyTorch form, the same matmuls and one pass over each chunk's logits instead of a dozen."""
-
-    @staticmethod
-    def forward(ctx, h, weight, tokens, temperature: float, chunk_rows: int):
-        from cross_entropy import token_lse
-        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        w = weight.to(dt)
-        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # (N,)
-        logp = torch.empty_like(lse)
-        for s in range(0, h.shape[0], chunk_rows):
-            z = F.linear(h[s:s + chunk_rows].to(dt), w)  # (n, V)
-            lse[s:s + chunk_rows], zt = token_lse(z, tokens[s:s + chunk_rows], temperature)
-            logp[s:s + chunk_rows] = zt - lse[s:s + chunk_rows]
-        ctx.save_for_backward(h, weight, tokens, lse)
-        ctx.dt, ctx.temperature, ctx.chunk_rows = dt, temperature, chunk_rows
-        return logp
-
-    @staticmethod
-    def backward(ctx, dlogp):
-        from cross_entropy import softmax_grad_
-        h, weight, tokens, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[:2]
-        w, n = weight.to(ctx.dt), ctx.chunk_rows
-        dh = torch.empty_like(h) if need_h else None  # (N, d)
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V, d)
-        # d logp_i / d z_i = (onehot(t_i) - p_i) / T, so the gradient is scale_i * (p_i - onehot) with this scale:
-        scale = -dlogp.float() / ctx.temperature  # (N,)
-        for s in range(0, h.shape[0], n):
-            hc = h[s:s + n].to(ctx.dt)
-            g = softmax_grad_(F.linear(hc, w), tokens[s:s + n], lse[s:s + n], scale[s:s + n], ctx.temperature)
-            if need_h:
-                dh[s:s + n] = g @ w  # (n, d)
-            if need_w:
-                dw.add_(g.T @ hc)  # (V, d), accumulated in fp32
-        return dh, None if dw is None else dw.to(weight.dtype), None, None, None
-
-
-def chunked_token_logprobs(hidden, weight, tokens, temperature: float = 1.0, chunk_rows: int = 1024,
-                           entropy: bool = False):
-    """hidden (B, T, d), weight (V, d), tokens (B, T) -> log p(token) (B, T) fp32 under
-    softmax(hidden @ weight.T / temperature), and with entropy=True also the entropies (B, T) fp32 of
-    that distribution. The same as log_softmax(logits / T).gather(tokens), with gradients. Without
-    entropies, where cross_entropy.py's kernels run (CUDA) and the weight is a plain tensor (not an
-    FSDP-sharded one): _TokenLogprobs."""
-    B, T = tokens.shape
-    h = hidden.reshape(B * T, hidden.shape[-1])  # (B*T, d)
-    if not entropy and type(weight) in (torch.Tensor, nn.Parameter):
-        from cross_entropy import kernel_runs_on
-        if kernel_runs_on(h):
-            return _TokenLogprobs.apply(h, weight, tokens.reshape(-1), temperature, chunk_rows).view(B, T)
-    parts = [checkpoint(_logprob_chunk, hc, weight, tc, temperature, entropy, use_reentrant=False)
-             for hc, tc in zip(h.split(chunk_rows), tokens.reshape(-1).split(chunk_rows))]
-    if not entropy:
-        return torch.cat(parts).view(B, T)  # (B, T)
-    return torch.cat([p[0] for p in parts]).view(B, T), torch.cat([p[1] for p in parts]).view(B, T)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from confidence import ccrl_reward_from_rollout
 from data import answers_match, extract_answer, load_problems, parse_number, prompt_text
-from model import Block, Transformer, chunked_token_logprobs, generate, left_pad, recover_dir
+from cross_entropy import chunked_token_logprobs
+from model import Block, Transformer, generate, left_pad, recover_dir
 from sft import (all_sum, append_metrics, clip_grad_norm, init_distributed, lm_head_weight, load_optimizer_state,
                  parse_config, training_state, trim_metrics, wrap_for_training)
 

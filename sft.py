@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import CONFIGS, CheckpointError, ModelConfig, Transformer, chunked_cross_entropy, fuse_optimizer_state, recover_dir
+from cross_entropy import chunked_cross_entropy
+from model import CONFIGS, CheckpointError, ModelConfig, Transformer, fuse_optimizer_state, recover_dir
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """cross_entropy.py: the Triton kernel (run on the CPU by Triton's interpreter) against the plain-PyTorch
-reference, and the reference, through model.chunked_cross_entropy(fused=True), against F.cross_entropy."""
+reference, and the reference, through cross_entropy.chunked_cross_entropy(fused=True), against F.cross_entropy."""
 
 import importlib
 import os
@@ -64,13 +64,13 @@ def test_lse_and_gradient_kernels_at_a_temperature_equal_pytorch(n, V, block, mo
 
 
 def test_token_logprobs_through_the_kernels_equal_log_softmax():
-    # model.chunked_token_logprobs (ppo.py's scoring) through _TokenLogprobs and the kernels: log-probs and both
+    # cross_entropy.chunked_token_logprobs (ppo.py's scoring) through _TokenLogprobs and the kernels: log-probs and both
     # gradients against log_softmax(logits / T).gather on full logits; chunks of 6 rows over 15 (a partial one).
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(3, 5, 24, generator=g, requires_grad=True)
     weight = (0.3 * torch.randn(97, 24, generator=g)).requires_grad_()
     tokens = torch.randint(0, 97, (3, 5), generator=g)
-    logp = M.chunked_token_logprobs(hidden, weight, tokens, 0.8, chunk_rows=6)
+    logp = cross_entropy.chunked_token_logprobs(hidden, weight, tokens, 0.8, chunk_rows=6)
     want = ((hidden @ weight.T) / 0.8).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
     torch.testing.assert_close(logp, want, atol=1e-5, rtol=1e-5)
     w_out = torch.randn(3, 5, generator=g)  # an arbitrary upstream gradient
@@ -79,7 +79,7 @@ def test_token_logprobs_through_the_kernels_equal_log_softmax():
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # scoring without a graph (the reference model's forward)
-        torch.testing.assert_close(M.chunked_token_logprobs(hidden, weight, tokens, 0.8, chunk_rows=6), want.detach(),
+        torch.testing.assert_close(cross_entropy.chunked_token_logprobs(hidden, weight, tokens, 0.8, chunk_rows=6), want.detach(),
                                    atol=1e-5, rtol=1e-5)
 
 
@@ -97,14 +97,14 @@ def test_reference_is_the_formula():
 
 
 def test_fused_chunked_loss_through_the_kernel_equals_full_logits():
-    # model.chunked_cross_entropy(fused=True) with the kernel doing each chunk (as on CUDA): loss and both
+    # cross_entropy.chunked_cross_entropy(fused=True) with the kernel doing each chunk (as on CUDA): loss and both
     # gradients against F.cross_entropy on the full logits; chunks of 7 rows over 20 (a partial last chunk).
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(4, 5, 24, generator=g, requires_grad=True)
     weight = (0.3 * torch.randn(97, 24, generator=g)).requires_grad_()
     targets = torch.randint(0, 97, (4, 5), generator=g)
     targets[1, 2:] = -100
-    total, count = M.chunked_cross_entropy(hidden, weight, targets, chunk_rows=7, fused=True)
+    total, count = cross_entropy.chunked_cross_entropy(hidden, weight, targets, chunk_rows=7, fused=True)
     gh, gw = torch.autograd.grad(total / count, (hidden, weight))
     want = F.cross_entropy((hidden @ weight.T).reshape(-1, 97), targets.reshape(-1), reduction="sum")
     wh, ww = torch.autograd.grad(want / count, (hidden, weight))

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from model import (ModelConfig, Transformer, chunked_cross_entropy, chunked_token_logprobs, decode_step, generate,
-                   hf_to_ours, ours_to_hf)
+from cross_entropy import chunked_cross_entropy, chunked_token_logprobs
+from model import ModelConfig, Transformer, decode_step, generate, hf_to_ours, ours_to_hf
 
 from test_model import randomize, tiny  # the same random tiny configs as the model tests
 
