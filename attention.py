@@ -32,6 +32,7 @@ which is fastest is the GPU sweep's to say. (Three loops, edge / middle / edge, 
 built for sm_90 with Triton 3.9.) A third bit, LONGEST_FIRST = 4, only orders the work: under a causal
 mask the query tiles of a head run last to first, so the tiles that see the most keys start first and the
 last programs of the grid are short ones (less time with most SMs idle at the end); the numbers are the same.
+The dQ kernel, whose query tiles have the same causal imbalance, takes the same bit as an optional 5th field.
 
 The backward recomputes the probabilities from the saved lse (p = exp2(s - lse)) instead of storing
 them, and uses delta = rowsum(dO * O) (so dS = P * (dP - delta), the softmax Jacobian). Two kernels:
@@ -313,8 +314,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, FIRST, END, sqb, sqh, sqt,
 @jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, FIRST, END, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs,
                    sdb, sdh, sdt, sdqb, sdqh, sdqt, H, G, T, S, sm_scale, qk_scale, D: tl.constexpr,
-                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    m0 = tl.program_id(0) * BLOCK_M
+                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if LONGEST_FIRST:  # as in the forward: the query tiles that see the most keys first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    m0 = pid_m * BLOCK_M
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), bh % H
     kvh = h // G
@@ -410,11 +414,13 @@ def _flash_backward(do, q, k, v, o, lse, first, end, causal, tiles=None):
         q, k, v, do, lse, delta, dk, dv, first, end, *strides, *dk.stride()[:3], *dv.stride()[:3],
         H, H // K, T, S, sm_scale, sm_scale * LOG2E, D=D, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
         num_warps=warps, num_stages=stages)
-    BM, BN, warps, stages = _tiles("dq", D, q, tiles)
+    cfg = _tiles("dq", D, q, tiles)
+    BM, BN, warps, stages = cfg[:4]
+    longest_first = causal and len(cfg) > 4 and bool(cfg[4] & 4)  # dQ's 5th field: only the LONGEST_FIRST bit
     _bwd_dq_kernel[(triton.cdiv(T, BM), B * H)](
         q, k, v, do, lse, delta, dq, first, end, *strides, *dq.stride()[:3],
         H, H // K, T, S, sm_scale, sm_scale * LOG2E, D=D, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
-        num_warps=warps, num_stages=stages)
+        LONGEST_FIRST=longest_first, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 

@@ -52,17 +52,18 @@ SMALL = BenchConfig(batch=1, heads=4, gqa_kv_heads=2, seqs=(32,), head_dims=(16,
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant]) tried per kernel: every value of {64, 128} x {4, 8} x
 # {2, 3, 4} appears, without the full product (each candidate costs a compile of a few seconds); the forward's
-# candidates come in its four variants, and the best-known tiles with its tiles in longest-first order (bit 4).
+# candidates come in its four variants, and the best-known tiles with its tiles in longest-first order (bit 4); the
+# dQ kernel's best-known tiles also in longest-first order (a 5th field of 4).
 TUNE_CANDIDATES = {
     "fwd": [(128, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 3, 0), (64, 64, 4, 4, 0), (128, 64, 4, 2, 0),
             (128, 64, 4, 3, 1), (128, 64, 8, 3, 1), (128, 128, 8, 3, 1), (64, 64, 4, 4, 1), (128, 64, 8, 4, 1),
             (128, 64, 8, 3, 2), (128, 128, 8, 3, 2), (128, 64, 8, 3, 3), (128, 128, 8, 3, 3), (128, 64, 8, 4, 3),
             (128, 64, 8, 3, 4), (128, 64, 8, 3, 5), (128, 64, 8, 3, 6), (128, 64, 8, 3, 7)],
     "dkdv": [(64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
-    "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (128, 128, 8, 2)],
+    "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2, 4), (128, 128, 8, 2, 4)],
 }
 SMALL_CANDIDATES = {"fwd": [A.INTERPRET_TILES + (v,) for v in range(8)], "dkdv": [A.INTERPRET_TILES],
-                    "dq": [A.INTERPRET_TILES]}
+                    "dq": [A.INTERPRET_TILES, A.INTERPRET_TILES + (4,)]}
 
 
 def kernel_ms(fn, reps, sync_each=False):
@@ -291,6 +292,8 @@ def build_report(arch: int = 90, head_dims=(64, 128)) -> list[dict]:
             consts.update(SPLIT=bool(tiles[4] & 1), TMA=bool(tiles[4] & 2), LONGEST_FIRST=bool(tiles[4] & 4))
             if consts["TMA"]:  # K and V as tensor descriptors with the tile's block shape
                 arg_types.update(K=f"tensordesc<bf16[1,1,{BN},{D}]>", V=f"tensordesc<bf16[1,1,{BN},{D}]>")
+        if kind == "dq":
+            consts.update(LONGEST_FIRST=len(tiles) > 4 and bool(tiles[4] & 4))
         signature = {a: "constexpr" if a in consts else arg_types.get(a, "i32") for a in fn.arg_names}  # rest: i32
         # As a launch at the benchmark's shapes specialises: pointers, strides and sizes divisible by 16
         # (without it the loads are neither vectorised nor pipelined, and the report would describe
