@@ -92,7 +92,7 @@ bench: install
 # About 8-9 minutes on one H100: the attention check and sweep (~2.5 min), then the sections, sampling first,
 # inside BENCH_SECONDS.
 BENCH_OUT ?= out/bench
-BENCH_SECONDS ?= 315
+BENCH_SECONDS ?= 300
 bench-gpu:
 	mkdir -p $(BENCH_OUT)
 	PYTHONUNBUFFERED=1 $(PY) bench_attention.py > $(BENCH_OUT)/attention.txt 2>&1; a=$$?; cat $(BENCH_OUT)/attention.txt; \
