@@ -481,6 +481,7 @@ def check_greedy_compiled(b: Bench):
         b.checks.append(("greedy tokens eager == compiled decode step", None, "needs CUDA"))
         b.checks.append(("sampled tokens eager == compiled, same seed", None, "needs CUDA"))
         return
+    m = None
     try:
         torch.manual_seed(1)
         m = Transformer(ModelConfig(**CONFIGS["embedded"])).to("cuda").eval()
@@ -505,7 +506,8 @@ def check_greedy_compiled(b: Bench):
                          f"B3, 48 tokens at temperature 1, fp32: tokens and masks equal: {same}, max logprob diff {lp:.1e}"))
     except Exception as e:
         b.checks.append(("sampled tokens eager == compiled, same seed", False, error_note(e)))
-    m.caches = None
+    if m is not None:
+        m.caches = None
     torch._dynamo.reset()
 
 

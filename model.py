@@ -688,7 +688,7 @@ def sample_token(logits, temperature: float, top_k: int, top_p: float, generator
     of the policy's distribution softmax(logits / T), before any top-k / top-p truncation: that is
     the distribution PPO's ratio and CCRL's confidence are defined on (use top_k=0, top_p=1 there).
     noise: (B, V) fp32 Exp(1) draws for the exponential race (race_noise), when the caller draws them (a
-    compiled step cannot take a generator); by default they are drawn here on CUDA."""
+    compiled step cannot take a generator); by default they are drawn here."""
     t = temperature if temperature > 0 else 1.0
     logp = torch.log_softmax(logits / t, dim=-1)
     entropy = -(logp.exp() * logp).sum(-1)
@@ -704,13 +704,11 @@ def sample_token(logits, temperature: float, top_k: int, top_p: float, generator
             cum = sorted_lp.exp().cumsum(-1)
             drop = cum - sorted_lp.exp() > top_p  # keep the smallest prefix whose mass reaches top_p
             filt = filt.scatter(-1, idx, sorted_lp.masked_fill(drop, float("-inf")))
-        if noise is not None or filt.is_cuda:
-            # Exponential race: argmax p / E with E ~ Exp(1) samples from p without the device->host
-            # sync that torch.multinomial costs on CUDA.
-            e = noise if noise is not None else race_noise(filt.shape, filt.device, generator)
-            token = (filt.exp() / e).argmax(-1)
-        else:  # on the CPU there is no sync to avoid, and multinomial is ~10x cheaper than V exponentials
-            token = torch.multinomial(filt.exp(), 1, generator=generator).squeeze(-1)
+        # Exponential race: argmax p / E with E ~ Exp(1) samples from p. It is the draw torch.multinomial makes
+        # for one sample (the same tokens for the same generator), without multinomial's input checks, which
+        # on CUDA cost a device->host sync per token.
+        e = noise if noise is not None else race_noise(filt.shape, filt.device, generator)
+        token = (filt.exp() / e).argmax(-1)
     return token, logp.gather(-1, token[:, None]).squeeze(-1), entropy
 
 

@@ -175,6 +175,19 @@ def test_rmsnorm_equals_transformers_in_every_dtype_it_meets():
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_the_exponential_race_draws_what_multinomial_draws():
+    # sample_token samples by the race on every device; on the CPU torch.multinomial(p, 1) makes the very same
+    # draw from the same generator, so the tokens are those multinomial gave (and the CPU results from before).
+    g = torch.Generator().manual_seed(0)
+    logits = 2 * torch.randn(16, 300, generator=g)
+    for T in (1.0, 0.5):
+        p = torch.softmax(logits / T, -1)
+        ours = [M.sample_token(logits, T, 0, 1.0, torch.Generator().manual_seed(s))[0] for s in range(5)]
+        theirs = [torch.multinomial(p, 1, generator=torch.Generator().manual_seed(s)).squeeze(-1) for s in range(5)]
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+        assert len({tuple(t.tolist()) for t in ours}) == 5  # and they are draws, not the argmax
+
+
 def test_sampling_filters():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
     gen = torch.Generator().manual_seed(0)
