@@ -428,6 +428,9 @@ def check_fused_loss(b: Bench, model, ids):
     chunk's softmax gradient by cross_entropy.py's Triton kernel) against the checkpointed form (plain PyTorch
     ops, recomputed in the backward), under the same bf16 autocast: loss and every gradient. And ppo.py's token
     log-probs (cross_entropy.chunked_token_logprobs) through the same kernels against their checkpointed form."""
+    def rel_grad_err(got, want):  # the largest relative (Frobenius) error over the parameters' gradients
+        return max(((a - c).norm() / c.norm().clamp_min(1e-30)).item() for a, c in zip(got, want))
+
     name = "fused loss (Triton cross-entropy kernel) == checkpointed loss"
     if not b.cuda:
         b.checks.append((name, None, "needs CUDA"))
@@ -444,7 +447,7 @@ def check_fused_loss(b: Bench, model, ids):
             res.append((total.detach(), grads))
         (l1, g1), (l2, g2) = res
         loss_err = ((l1 - l2).abs() / l2.abs()).item()
-        grad_err = max(((a - c).norm() / c.norm().clamp_min(1e-30)).item() for a, c in zip(g1, g2))
+        grad_err = rel_grad_err(g1, g2)
         b.checks.append((name, loss_err < 1e-3 and grad_err < 2e-2,
                          f"B2 T256, bf16 autocast: loss rel diff {loss_err:.1e}, largest gradient rel diff {grad_err:.1e}"))
     except Exception as e:
@@ -465,7 +468,7 @@ def check_fused_loss(b: Bench, model, ids):
                 res.append((logp.detach(), torch.autograd.grad(logp.sum(), list(model.parameters()))))
             (l1, g1), (l2, g2) = res
             worst[0] = max(worst[0], (l1 - l2).abs().max().item())
-            worst[1] = max(worst[1], max(((a - c).norm() / c.norm().clamp_min(1e-30)).item() for a, c in zip(g1, g2)))
+            worst[1] = max(worst[1], rel_grad_err(g1, g2))
         b.checks.append((name, worst[0] < 5e-2 and worst[1] < 2e-2,
                          f"B2 T256, bf16 autocast, T 1 and 0.5: largest log-prob diff {worst[0]:.1e}, "
                          f"largest gradient rel diff {worst[1]:.1e}"))

@@ -153,10 +153,8 @@ def softmax_grad_(z, tokens, lse, scale, temperature: float = 1.0, block: int = 
 
 
 def cross_entropy_(z, targets, ignore_index: int = -100, block: int = BLOCK):
-    """As `reference`, but the gradient is written over z (whose values are then gone) by the kernels where
-    they run: -> (summed NLL, fp32 0-d; the gradient, which is z). Elsewhere the reference's result."""
-    if not _launchable(z):
-        return reference(z, targets, ignore_index)
+    """As `reference`, but the gradient is written over z (whose values are then gone): -> (summed NLL, fp32
+    0-d; the gradient, which is z). Through the kernels where they run, their PyTorch forms elsewhere."""
     keep = targets != ignore_index
     t = torch.where(keep, targets, 0)
     lse, zt = token_lse(z, t, block=block)
@@ -167,6 +165,12 @@ def cross_entropy_(z, targets, ignore_index: int = -100, block: int = BLOCK):
 # The losses. Each chunk's logits exist in the autocast dtype for one chunk of rows at a time, either under
 # activation checkpointing (PyTorch ops; the backward recomputes the chunk) or in the autograd Functions
 # below, which use the kernels. The log-sum-exp is taken in fp32 either way.
+
+
+def _matmul_dtype(h):
+    """The dtype the chunk matmuls run in: autocast's (bf16) if on, else the inputs'. (An autograd Function's
+    backward runs outside autocast, so the Functions below cast explicitly.)"""
+    return torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
 
 
 def _nll_chunk(h, weight, targets, ignore_index: int):
@@ -188,9 +192,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = torch.zeros_like(h) if need_h else None  # (N, d)
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V, d)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        # The matmuls' dtype: autocast's (bf16) if on, else the inputs'. The weight is cast once, not per chunk.
-        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        w = weight.to(dt)
+        dt = _matmul_dtype(h)
+        w = weight.to(dt)  # cast once, not per chunk
         for s in range(0, h.shape[0], chunk_rows):
             hc, tc = h[s:s + chunk_rows].to(dt), targets[s:s + chunk_rows]  # (n, d), (n,)
             z = F.linear(hc, w)  # (n, V) logits in the matmuls' dtype
@@ -250,7 +253,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, tokens, temperature: float, chunk_rows: int):
-        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        dt = _matmul_dtype(h)
         w = weight.to(dt)
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # (N,)
         logp = torch.empty_like(lse)
