@@ -736,11 +736,21 @@ def decode_sample_step(model: Transformer, tokens, positions, slot, key_mask, no
 
 
 COMPILE_DEVICES = ("cuda",)  # where generate(compile=True) compiles (the tests add "cpu" with an aot_eager compile)
+# Inductor's settings for the decode step: mode "reduce-overhead" (the step as a CUDA graph) plus coordinate
+# descent tuning of the generated kernels' block sizes. With the latter on, Inductor also rewrites a matmul
+# whose input has one row (batch 1: every projection and the lm_head is a matrix-vector product, bound by
+# reading the weights) as a multiply-and-sum kernel of its own, which Inductor's source notes is how its
+# matrix-vector products reach the memory bandwidth. Costs compile time; changes the order of the sums
+# only (bench.py checks greedy tokens eager == compiled at batch 1).
+DECODE_COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
 
 
 @functools.cache
 def compiled_decode_sample_step():
-    return torch.compile(decode_sample_step, mode="reduce-overhead", fullgraph=True)
+    # dynamic=False: each batch size and cache length is a graph of its own with its sizes as constants (a
+    # CUDA graph is per shape anyway). The cache buffers' fixed shapes pin them already (seen on the CPU:
+    # batch 2 then 3 compiles two static graphs even without the flag); the flag keeps it so.
+    return torch.compile(decode_sample_step, options=DECODE_COMPILE_OPTIONS, fullgraph=True, dynamic=False)
 
 
 @torch.no_grad()

@@ -181,6 +181,21 @@ def test_compiled_generate_loop_samples_what_the_eager_step_samples(monkeypatch)
     torch._dynamo.reset()
 
 
+def test_decode_compile_options_make_batch_one_matmuls_inductor_reductions():
+    """DECODE_COMPILE_OPTIONS are Inductor settings that exist (patch refuses unknown names), and with them on,
+    Inductor rewrites a one-row matmul (every projection of a batch-1 decode step) as its own multiply-and-sum
+    on a GPU; without them it leaves it to cuBLAS. Meta tensors stand in for the GPU (the rewrite is off on
+    CPU tensors, and this machine has no GPU)."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.decomposition import mm
+    x, w = torch.empty(1, 64, device="meta"), torch.empty(64, 96, device="meta")
+    assert mm(x, w) is NotImplemented
+    with inductor_config.patch(**M.DECODE_COMPILE_OPTIONS):
+        out = mm(x, w)
+        assert out is not NotImplemented and out.shape == (1, 96)
+        assert mm(torch.empty(8, 64, device="meta"), w) is NotImplemented  # batch 8: still cuBLAS
+
+
 def test_setup_cache_reuses_and_clears_buffers():
     m = Transformer(tiny())
     m.setup_cache(2, 16)
