@@ -391,7 +391,7 @@ def _flash_forward(q, k, v, first, end, causal, tiles=None):
     # transpose(1, 2).reshape(B, T, H * D) that follows is free.
     o = _empty(B, T, H, D, like=q).transpose(1, 2)
     lse = _empty(B, H, T, like=q, dtype=torch.float32)
-    _fwd_kernel[(triton.cdiv(T, BM), B * H)](
+    _fwd_kernel[((T + BM - 1) // BM, B * H)](
         q, kk, vv, o, lse, first, end, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, H // K, T, S, LOG2E / math.sqrt(D), D=D, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
         SPLIT=bool(variant & 1), TMA=bool(variant & 2), LONGEST_FIRST=bool(variant & 4) and causal,
@@ -405,19 +405,19 @@ def _flash_backward(do, q, k, v, o, lse, first, end, causal, tiles=None):
     do = do if do.stride(-1) == 1 else do.contiguous()  # e.g. the expanded ones of out.sum().backward()
     sm_scale = 1.0 / math.sqrt(D)
     delta = _empty(B, H, T, like=q, dtype=torch.float32)
-    _bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T,
+    _bwd_delta_kernel[((T + 63) // 64, B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T,
                                                    D=D, BLOCK_M=64)
     dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)  # same memory layout as the inputs
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     BM, BN, warps, stages = _tiles("dkdv", D, q, tiles)
-    _bwd_dkdv_kernel[(triton.cdiv(S, BN), B * K)](
+    _bwd_dkdv_kernel[((S + BN - 1) // BN, B * K)](
         q, k, v, do, lse, delta, dk, dv, first, end, *strides, *dk.stride()[:3], *dv.stride()[:3],
         H, H // K, T, S, sm_scale, sm_scale * LOG2E, D=D, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
         num_warps=warps, num_stages=stages)
     cfg = _tiles("dq", D, q, tiles)
     BM, BN, warps, stages = cfg[:4]
     longest_first = causal and len(cfg) > 4 and bool(cfg[4] & 4)  # dQ's 5th field: only the LONGEST_FIRST bit
-    _bwd_dq_kernel[(triton.cdiv(T, BM), B * H)](
+    _bwd_dq_kernel[((T + BM - 1) // BM, B * H)](
         q, k, v, do, lse, delta, dq, first, end, *strides, *dq.stride()[:3],
         H, H // K, T, S, sm_scale, sm_scale * LOG2E, D=D, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
         LONGEST_FIRST=longest_first, num_warps=warps, num_stages=stages)
