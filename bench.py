@@ -488,7 +488,7 @@ def check_greedy_compiled(b: Bench):
     m = None
     try:
         torch.manual_seed(1)
-        m = Transformer(ModelConfig(**CONFIGS["embedded"])).to("cuda").eval()
+        m = Transformer(ModelConfig(**CONFIGS["embedded"])).to(b.device).eval()
         g = torch.Generator().manual_seed(2)
         prompts = [torch.randint(1, 1024, (n,), generator=g).tolist() for n in (5, 17, 11)]
         eager = generate(m, prompts, 48, temperature=0.0, static=False)
@@ -506,7 +506,7 @@ def check_greedy_compiled(b: Bench):
     except Exception as e:
         b.checks.append(("greedy tokens eager == compiled decode step", False, error_note(e)))
     try:  # the race's noise is drawn outside the graph in the eager order, so the same seed samples the same
-        sampled = [generate(m, prompts, 48, temperature=1.0, compile=c, generator=torch.Generator("cuda").manual_seed(3))
+        sampled = [generate(m, prompts, 48, temperature=1.0, compile=c, generator=torch.Generator(b.device).manual_seed(3))
                    for c in (False, True)]
         same = torch.equal(sampled[0].tokens, sampled[1].tokens) and torch.equal(sampled[0].mask, sampled[1].mask)
         lp = (sampled[0].logprobs - sampled[1].logprobs).abs().max().item()

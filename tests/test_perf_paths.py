@@ -315,6 +315,30 @@ def test_bench_small_runs_every_section(tmp_path):
     assert saved["markdown"].count("| figure") == 4
 
 
+def test_bench_gpu_checks_pass_on_the_cpu_through_their_seams(monkeypatch):
+    """bench.py's GPU-only correctness checks (fused loss and token log-probs against their checkpointed
+    forms; greedy tokens at batch 3 and 1, and sampled tokens, eager against compiled) run here with their
+    CUDA gate lifted, on CPU tensors, generate's compiled path through a plain dynamo trace: a mistake in a
+    check's own code shows here, not on a lent GPU."""
+    import bench
+    b = bench.Bench("cpu", bench.SMALL, 0)
+    b.cuda = True  # the checks' gate only: their tensors stay on b.device
+    monkeypatch.setattr(M, "COMPILE_DEVICES", ("cuda", "cpu"))
+    step = torch.compile(M.decode_sample_step, backend="eager", fullgraph=True)
+    monkeypatch.setattr(M, "compiled_decode_sample_step", lambda: step)
+    torch._dynamo.reset()
+    bench.check_greedy_compiled(b)
+    model = randomize(Transformer(tiny("llama", heads=4, kv=2, head_dim=16)), 9).train()
+    ids = torch.randint(1, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(4))
+    bench.check_fused_loss(b, model, ids)
+    assert [name for name, _, _ in b.checks] == [
+        "greedy tokens eager == compiled decode step", "sampled tokens eager == compiled, same seed",
+        "fused loss (Triton cross-entropy kernel) == checkpointed loss",
+        "token log-probs (Triton kernels) == checkpointed PyTorch form"]
+    assert all(ok is True for _, ok, _ in b.checks), b.checks
+    assert "B1" in b.checks[0][2] and "[True, True, True, True]" in b.checks[0][2]
+
+
 def test_bench_sections_run_in_the_order_given_and_bad_ones_are_refused(tmp_path):
     pytest.importorskip("transformers")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
