@@ -230,22 +230,37 @@ def grouped_sdpa(q, k, v, mask):
     scores: every decode step and every padded batch would pay that. Instead the G = H/K query heads of a
     kv head are folded into the query length, q (B, K, G*T, D) against k, v (B, K, S, D), with the mask
     repeated for each of the G row blocks; a plain masked SDPA then runs a fused kernel and reads K/V once.
-    q (B, H, T, D), mask (B, 1, T, S) bool -> (B, H, T, D)."""
+    q (B, H, T, D), mask (B, 1, T, S) bool or additive, or (B, 1, G*T, S) folded by sdpa_mask -> (B, H, T, D)."""
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
     G = H // K
     if mask.dim() == 4 and mask.shape[1] != 1:  # a mask per query head does not fold: SDPA's own GQA
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     qf = q.reshape(B, K, G * T, D)  # query head h = kvh * G + g -> row g * T + t of kv head kvh
-    mf = mask.expand(B, 1, T, S).unsqueeze(2).expand(B, 1, G, T, S).reshape(B, 1, G * T, S)  # (B, 1, G*T, S)
+    mf = mask  # (B, 1, G*T, S) already when sdpa_mask folded it
+    if mask.shape[-2] != G * T:
+        mf = mask.expand(B, 1, T, S).unsqueeze(2).expand(B, 1, G, T, S).reshape(B, 1, G * T, S)  # (B, 1, G*T, S)
     out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mf)  # (B, K, G*T, D), whatever its memory layout
     return out.reshape(B, H, T, D)  # reshape, not view: fused kernels may return a transposed layout
 
 
+def sdpa_mask(mask, fold: int, dtype):
+    """The (B, 1, T, S) bool mask as SDPA's kernels take it, made once per forward instead of in every layer:
+    additive, 0 where a key is visible and -inf elsewhere (the conversion SDPA otherwise makes inside each
+    call, so the results are the same bit for bit). fold = G > 1 repeats it for grouped_sdpa's folded query
+    rows, (B, 1, G*T, S), as sdpa() folds grouped-query heads on CUDA. The rows are allocated padded to a
+    multiple of 16 elements and sliced back, so the memory-efficient kernel's alignment needs no copy."""
+    B, _, T, S = mask.shape
+    padded = (S + 15) // 16 * 16
+    bias = torch.full((B, 1, fold, T, padded), float("-inf"), dtype=dtype, device=mask.device)
+    bias[..., :S].masked_fill_(mask[:, :, None], 0.0)  # (B, 1, 1, T, S) over the G row blocks
+    return bias.view(B, 1, fold * T, padded)[..., :S]  # (B, 1, G*T, S)
+
+
 def sdpa(q, k, v, mask, causal: bool = True):
-    """PyTorch's SDPA for q (B, H, T, D), k, v (B, K, S, D): mask (B, 1, T, S) bool, or None for causal
-    (T == S) or, with causal=False, full attention. Masked grouped-query attention on CUDA goes through
-    grouped_sdpa; on the CPU, SDPA's own GQA handles a mask well."""
+    """PyTorch's SDPA for q (B, H, T, D), k, v (B, K, S, D): mask (B, 1, T, S) bool or additive (sdpa_mask),
+    or None for causal (T == S) or, with causal=False, full attention. Masked grouped-query attention on
+    CUDA goes through grouped_sdpa; on the CPU, SDPA's own GQA handles a mask well."""
     if mask is not None and k.shape[1] != q.shape[1] and q.is_cuda:
         return grouped_sdpa(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
@@ -427,6 +442,11 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
         x = self.model.embed_tokens(input_ids)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        if mask is not None and self.attn == "sdpa":  # once here rather than in each layer's SDPA call
+            H, K = self.config.num_attention_heads, self.config.num_key_value_heads
+            # in the dtype SDPA computes in: under autocast, autocast's (a float32 mask would be cast per call)
+            dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
+            mask = sdpa_mask(mask, H // K if dev.type == "cuda" else 1, dt)  # folded as sdpa() folds on CUDA
         for layer, c in zip(self.model.layers, cache):
             x = layer(x, cos, sin, mask, c, cache_start, self.attn)
         h = self.model.norm(x)

@@ -419,6 +419,45 @@ def test_grouped_sdpa_equals_sdpa_with_gqa_and_traces_as_one_graph():
     torch._dynamo.reset()
 
 
+def test_the_mask_prepared_once_per_forward_changes_no_bit():
+    """sdpa_mask (the additive mask made once per forward, folded for grouped_sdpa where sdpa() folds) gives
+    bit for bit what SDPA's own per-call conversion of the bool mask gives: through sdpa() and grouped_sdpa()
+    (T = 1 and T > 1, GQA or not, a cache length that is no multiple of 16, fp32 and bf16), and through the
+    model (logits of a left-padded batch and of cached decode steps, against the model with the bool mask)."""
+    for B, H, K, T, S, left, dtype in ((2, 8, 2, 1, 19, (0, 7), torch.float32), (3, 6, 2, 7, 30, (4, 0, 11), torch.bfloat16),
+                                       (2, 4, 4, 5, 37, (2, 0), torch.float32)):
+        g = torch.Generator().manual_seed(B * 10 + T)
+        q, k, v = (torch.randn(B, h, n, 16, generator=g).to(dtype) for h, n in ((H, T), (K, S), (K, S)))
+        key_mask = torch.ones(B, S, dtype=torch.bool)
+        for b, n in enumerate(left):
+            key_mask[b, :n] = False
+        mask = M.causal_mask(key_mask, S - T, T)  # (B, 1, T, S)
+        flat, folded = M.sdpa_mask(mask, 1, dtype), M.sdpa_mask(mask, H // K, dtype)
+        assert flat.shape == (B, 1, T, S) and folded.shape == (B, 1, H // K * T, S) and flat.dtype == dtype
+        assert flat.stride(-1) == 1 and flat.stride(-2) % 16 == 0  # aligned rows: no copy in the kernel
+        assert torch.equal(flat == 0, mask) and torch.equal(flat[~mask], torch.full_like(flat[~mask], float("-inf")))
+        assert torch.equal(M.sdpa(q, k, v, flat), M.sdpa(q, k, v, mask))
+        if H != K:
+            assert torch.equal(M.grouped_sdpa(q, k, v, folded), M.grouped_sdpa(q, k, v, mask))
+            traced = torch.compile(M.grouped_sdpa, backend="aot_eager", fullgraph=True)
+            assert torch.equal(traced(q, k, v, folded), M.grouped_sdpa(q, k, v, mask))
+    m = randomize(Transformer(tiny("llama", heads=4, kv=2, head_dim=16)), 12).eval()
+    ids = torch.randint(1, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    am = torch.ones_like(ids)
+    am[0, :4] = 0
+    am[2, :7] = 0
+    prompts = [[5, 9, 13, 2, 40, 7], [7, 3], [11, 12, 13, 14]]
+    outs = []
+    for prepared in (True, False):
+        with unittest.mock.patch.object(M, "sdpa_mask", M.sdpa_mask if prepared else lambda mask, fold, dtype: mask), \
+                torch.no_grad():
+            logits = m(ids, attention_mask=am)
+            gen = generate(m, prompts, 10, temperature=0.7, generator=torch.Generator().manual_seed(2), static=True)
+        outs.append((logits, gen.tokens, gen.logprobs))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    torch._dynamo.reset()
+
+
 def test_bench_keeps_the_finished_sections_when_a_run_is_cut_short(tmp_path, monkeypatch):
     # On a lent GPU the call has a time limit: what was measured before the kill must be on disk.
     pytest.importorskip("transformers")
