@@ -185,15 +185,22 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def rotate_half(x):
-    # HF layout: the first half of the head dim pairs with the second half (not adjacent pairs).
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rope_tables(position_ids, inv_freq, dtype):
+    """cos and signed sin (B, T, 1, D) for apply_rope, in `dtype`: the angles position * inv_freq in fp32,
+    each frequency twice (HF's layout: dimension i pairs with i + D/2, not with its neighbour)."""
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, T, 1, D)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # see apply_rope
 
 
-def apply_rope(x, cos, sin):
-    # x (B, T, H, D); cos/sin (B, T, 1, D)
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x, cos, sin_signed):
+    """x (B, T, H, D) rotated: x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] (x1, x2 the
+    halves of the head dim), as HF computes it. Written as x * cos + roll(x) * [-sin1, sin2]: roll(x) =
+    [x2, x1] is one kernel where chunk, negate and concatenate are three, and moving the sign from x2 to
+    sin1 changes no bit of any product."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 class KVCache(nn.Module):
@@ -306,13 +313,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache], cache_start, backend: str):
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split([self.H * self.D, self.K * self.D, self.K * self.D], dim=-1)
-        q = q.view(B, T, self.H, self.D)  # (B, T, H, D)
-        k = k.view(B, T, self.K, self.D)  # (B, T, K, D)
-        v = v.view(B, T, self.K, self.D)  # (B, T, K, D)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, K, D = self.H, self.K, self.D
+        qk, v = self.qkv_proj(x).split([(H + K) * D, K * D], dim=-1)
+        v = v.view(B, T, K, D)  # (B, T, K, D)
+        if hasattr(self, "q_norm"):  # Qwen3: each head of q and k normalised, then rotated
+            q, k = qk.view(B, T, H + K, D).split([H, K], dim=2)
+            q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        else:  # q and k sit side by side in the projection's output: rotated in one go
+            q, k = apply_rope(qk.view(B, T, H + K, D), cos, sin).split([H, K], dim=2)  # (B, T, H|K, D)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|K, T, D)
         if cache is not None:
             k, v = cache.update(cache_start, k, v)  # (B, K, S, D)
@@ -437,11 +445,8 @@ class Transformer(nn.Module):
             assert position_ids is not None and key_mask is not None
             mask = causal_mask(key_mask.bool(), cache_start, T)
             cache = self.caches
-        # RoPE angles from the positions, in fp32 (B, T, D/2) -> cos/sin (B, T, 1, D)
-        freqs = position_ids[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
         x = self.model.embed_tokens(input_ids)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = rope_tables(position_ids, self.inv_freq, x.dtype)  # (B, T, 1, D) each
         if mask is not None and self.attn == "sdpa":  # once here rather than in each layer's SDPA call
             H, K = self.config.num_attention_heads, self.config.num_key_value_heads
             # in the dtype SDPA computes in: under autocast, autocast's (a float32 mask would be cast per call)

@@ -272,3 +272,23 @@ def test_bad_checkpoints_one_line_exit_2(tmp_path):
     assert "hidden_size" in variant("field", config_edit(hidden_size=None))
     assert "model.safetensors" in variant("trunc", truncate)
     assert "config.json" in variant("nojson", lambda d: (d / "config.json").write_text("{oops"))
+
+
+def test_rope_in_its_roll_form_is_hf_rotate_half_bit_for_bit():
+    """apply_rope computes x * cos + roll(x) * [-sin1, sin2]; HF computes x * cos + [-x2, x1] * sin. The same
+    products with the sign moved, so the same bits: fp32, bf16, and bf16 activations with fp32 tables (autocast)."""
+    cfg = tiny(head_dim=16)
+    inv_freq = M.rope_inv_freq(cfg)
+    g = torch.Generator().manual_seed(7)
+    pos = torch.randint(0, 4000, (2, 9), generator=g)
+    for x_dtype, table_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                 (torch.bfloat16, torch.float32)):
+        x = (torch.randn(2, 9, 5, 16, generator=g) * 3).to(x_dtype)
+        cos, sin_signed = M.rope_tables(pos, inv_freq, table_dtype)
+        freqs = pos[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        sin = emb.sin().to(table_dtype)  # HF's tables
+        assert torch.equal(cos, emb.cos().to(table_dtype))
+        x1, x2 = x.chunk(2, dim=-1)
+        hf = x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        assert torch.equal(M.apply_rope(x, cos, sin_signed), hf)
