@@ -217,17 +217,17 @@ class KVCache(nn.Module):
 
     def update(self, start, k, v):
         """Write k, v (B, K, T, D) at slots start .. start+T-1. `start` an int: return the slots up to
-        the last one written, (B, K, start+T, D). `start` a 0-d tensor (the static-shape decode path):
-        return the whole cache (B, K, S_max, D); the caller's mask hides the slots not written yet."""
+        the last one written, (B, K, start+T, D). `start` a tensor of the T slots (the static-shape decode
+        path; Transformer.forward computes it once for all layers): return the whole cache (B, K, S_max, D);
+        the caller's mask hides the slots not written yet."""
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if isinstance(start, int):
             T = k.shape[2]
             self.k[:, :, start:start + T] = k
             self.v[:, :, start:start + T] = v
             return self.k[:, :, :start + T], self.v[:, :, :start + T]
-        slots = start + torch.arange(k.shape[2], device=k.device)  # (T,)
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
+        self.k.index_copy_(2, start, k)
+        self.v.index_copy_(2, start, v)
         return self.k, self.v
 
 
@@ -445,6 +445,8 @@ class Transformer(nn.Module):
             assert position_ids is not None and key_mask is not None
             mask = causal_mask(key_mask.bool(), cache_start, T)
             cache = self.caches
+            if torch.is_tensor(cache_start):  # the slots this step writes, (T,), once rather than in every layer
+                cache_start = cache_start + torch.arange(T, device=dev)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_tables(position_ids, self.inv_freq, x.dtype)  # (B, T, 1, D) each
         if mask is not None and self.attn == "sdpa":  # once here rather than in each layer's SDPA call
