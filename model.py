@@ -155,15 +155,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if x.dtype == self.weight.dtype == torch.float32 and not torch.compiler.is_compiling():
-            # The residual stream in training (fp32 under autocast): PyTorch's rms_norm, the same math as
-            # below, one fused kernel forward and one backward on CUDA (eagerly, five kernels and their saved
-            # tensors each way). Under torch.compile the plain form, which the compiler fuses with its neighbours.
+        if torch.compiler.is_compiling():
+            # The plain form, which the compiler fuses with its neighbours. Statistics in fp32 even under bf16
+            # autocast; cast back before the gain, in HF's order.
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * xf.to(x.dtype)
+        # Eagerly, the same math through PyTorch's rms_norm: one fused kernel on CUDA where the plain form is
+        # five (and as many saved tensors for the backward). fp32 input and gain (the training residual stream
+        # under autocast): all in one call. Otherwise (bf16 weights when sampling, q/k norms under autocast)
+        # normalised in fp32 and cast back before the gain, as HF does.
+        if x.dtype == self.weight.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # Statistics in fp32 even under bf16 autocast; cast back before the gain, in HF's order.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
