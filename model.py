@@ -315,16 +315,16 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: Optional[KVCache], cache_start, backend: str):
+    def forward(self, x, cos, sin_signed, mask, cache: Optional[KVCache], cache_start, backend: str):
         B, T, _ = x.shape
         H, K, D = self.H, self.K, self.D
         qk, v = self.qkv_proj(x).split([(H + K) * D, K * D], dim=-1)
         v = v.view(B, T, K, D)  # (B, T, K, D)
         if hasattr(self, "q_norm"):  # Qwen3: each head of q and k normalised, then rotated
             q, k = qk.view(B, T, H + K, D).split([H, K], dim=2)
-            q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+            q, k = apply_rope(self.q_norm(q), cos, sin_signed), apply_rope(self.k_norm(k), cos, sin_signed)
         else:  # q and k sit side by side in the projection's output: rotated in one go
-            q, k = apply_rope(qk.view(B, T, H + K, D), cos, sin).split([H, K], dim=2)  # (B, T, H|K, D)
+            q, k = apply_rope(qk.view(B, T, H + K, D), cos, sin_signed).split([H, K], dim=2)  # (B, T, H|K, D)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|K, T, D)
         if cache is not None:
             k, v = cache.update(cache_start, k, v)  # (B, K, S, D)
@@ -352,8 +352,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, cache_start, backend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start, backend)
+    def forward(self, x, cos, sin_signed, mask, cache, cache_start, backend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin_signed, mask, cache, cache_start, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -452,14 +452,14 @@ class Transformer(nn.Module):
             if torch.is_tensor(cache_start):  # the slots this step writes, (T,), once rather than in every layer
                 cache_start = cache_start + torch.arange(T, device=dev)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_tables(position_ids, self.inv_freq, x.dtype)  # (B, T, 1, D) each
+        cos, sin_signed = rope_tables(position_ids, self.inv_freq, x.dtype)  # (B, T, 1, D) each
         if mask is not None and self.attn == "sdpa":  # once here rather than in each layer's SDPA call
             H, K = self.config.num_attention_heads, self.config.num_key_value_heads
             # in the dtype SDPA computes in: under autocast, autocast's (a float32 mask would be cast per call)
             dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
             mask = sdpa_mask(mask, H // K if dev.type == "cuda" else 1, dt)  # folded as sdpa() folds on CUDA
         for layer, c in zip(self.model.layers, cache):
-            x = layer(x, cos, sin, mask, c, cache_start, self.attn)
+            x = layer(x, cos, sin_signed, mask, c, cache_start, self.attn)
         h = self.model.norm(x)
         if not logits:
             return h
