@@ -574,6 +574,11 @@ def section_sample(b: Bench) -> Section:
             if compiled and cells[("ours", B, True)].value is not None:  # not when the budget skipped it
                 b.profile(f"2. generate(compile=True), B{B}, {N} tokens", lambda: generate(
                     ours, plist, N, temperature=1.0, generator=gen, compile=True))
+            if not compiled and B == max(S.sample_batches) and cells[("ours", B, False)].value is not None:
+                # eager decoding issues ~900 kernels a token: the profile's host total against its device
+                # total says whether launches or the GPU set its pace (fewer tokens: the profiler's own cost)
+                b.profile(f"2. generate eager, B{B}, {max(N // 8, 1)} tokens", lambda: generate(
+                    ours, plist, max(N // 8, 1), temperature=1.0, generator=gen))
             if compiled:
                 cells[("alone", B)] = b.cell(f"2. decode graph alone (replay) B{B}", lambda: decode_alone(B),
                                              cost=10, needs_cuda=True)
