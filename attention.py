@@ -406,7 +406,7 @@ def _flash_backward(do, q, k, v, o, lse, first, end, causal, tiles=None):
     sm_scale = 1.0 / math.sqrt(D)
     delta = _empty(B, H, T, like=q, dtype=torch.float32)
     _bwd_delta_kernel[((T + 63) // 64, B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T,
-                                                   D=D, BLOCK_M=64)
+                                               D=D, BLOCK_M=64)
     dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)  # same memory layout as the inputs
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     BM, BN, warps, stages = _tiles("dkdv", D, q, tiles)

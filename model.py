@@ -268,11 +268,16 @@ def sdpa_mask(mask, fold: int, dtype):
     return bias.view(B, 1, fold * T, padded)[..., :S]  # (B, 1, G*T, S)
 
 
+def folds_query_heads(q_heads: int, kv_heads: int, is_cuda: bool) -> bool:
+    """Whether sdpa() sends masked grouped-query attention through grouped_sdpa (and sdpa_mask must fold)."""
+    return is_cuda and q_heads != kv_heads
+
+
 def sdpa(q, k, v, mask, causal: bool = True):
     """PyTorch's SDPA for q (B, H, T, D), k, v (B, K, S, D): mask (B, 1, T, S) bool or additive (sdpa_mask),
     or None for causal (T == S) or, with causal=False, full attention. Masked grouped-query attention on
     CUDA goes through grouped_sdpa; on the CPU, SDPA's own GQA handles a mask well."""
-    if mask is not None and k.shape[1] != q.shape[1] and q.is_cuda:
+    if mask is not None and folds_query_heads(q.shape[1], k.shape[1], q.is_cuda):
         return grouped_sdpa(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                           enable_gqa=k.shape[1] != q.shape[1])
@@ -457,7 +462,7 @@ class Transformer(nn.Module):
             H, K = self.config.num_attention_heads, self.config.num_key_value_heads
             # in the dtype SDPA computes in: under autocast, autocast's (a float32 mask would be cast per call)
             dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
-            mask = sdpa_mask(mask, H // K if dev.type == "cuda" else 1, dt)  # folded as sdpa() folds on CUDA
+            mask = sdpa_mask(mask, H // K if folds_query_heads(H, K, dev.type == "cuda") else 1, dt)
         for layer, c in zip(self.model.layers, cache):
             x = layer(x, cos, sin_signed, mask, c, cache_start, self.attn)
         h = self.model.norm(x)
