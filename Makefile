@@ -30,10 +30,14 @@ REPRO_SFT ?= $(DEMO_SFT)
 REPRO_PPO ?= $(DEMO_PPO)
 REPRO_EVAL ?= --limit 100 --max-new-tokens 512
 
-.PHONY: install test data base base-skills base-resume demo reproduce bench bench-gpu bench-gpu-attention bench-gpu-model
+.PHONY: install install-run test data base base-skills base-resume demo reproduce bench bench-gpu bench-gpu-attention bench-gpu-model
 
 install:
 	$(PY) -m pip install -q -r requirements-dev.txt
+
+# What the scripts themselves import (the demo and the paper's table need no test references).
+install-run:
+	$(PY) -m pip install -q -r requirements.txt
 
 test: install
 	$(PY) -m pytest -q tests
@@ -65,14 +69,14 @@ base-resume: data
 	$(PY) sft.py --data data/pretrain.jsonl --init scratch --tokenizer data/tokenizer --model embedded \
 	    --out base --resume $(BASE_FLAGS)
 
-demo: install data
+demo: install-run data
 	@test -f base/config.json || { echo "error: base/ not found: run 'make base' first (see README)"; exit 2; }
 	$(PY) sft.py --data data/comt.jsonl --init base --out ckpt/comt --overwrite $(DEMO_SFT)
 	$(PY) ppo.py --init ckpt/comt --out ckpt/comt_ccrl --overwrite --reward ccrl $(DEMO_PPO)
 	$(PY) eval.py --ckpt ckpt/comt ckpt/comt_ccrl --sets $(SETS) --out out/demo $(DEMO_EVAL)
 	@echo "report: out/demo/report.html"
 
-reproduce: install data
+reproduce: install-run data
 	@test -f base/config.json || { echo "error: base/ not found: run 'make base' first (see README)"; exit 2; }
 	for s in $(SEEDS); do \
 	  $(PY) sft.py --data data/cot.jsonl  --init base --out ckpt/r/cot_s$$s  --overwrite --seed $$s $(REPRO_SFT) && \

@@ -108,11 +108,16 @@ def convert(fmt: str, path) -> tuple[list[dict], int]:
         out.append(p)
         return p
 
-    def load_json():
+    def load_json(kind, expected):  # one JSON document (SVAMP.json, TabMWP's problems_*.json), not JSON lines
         try:
-            return json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise DataError(f"{path}{where}: not one JSON document ({getattr(e, 'msg', 'not UTF-8')}); expected "
+                            f"{expected}") from None
+        if not isinstance(doc, kind):
+            raise DataError(f"{path}: a JSON {type(doc).__name__}; expected {expected}")
+        return doc
 
     def need(obj, where, *keys):
         if not isinstance(obj, dict) or any(k not in obj for k in keys):
@@ -130,8 +135,8 @@ def convert(fmt: str, path) -> tuple[list[dict], int]:
             p["source"] = fmt
             out.append(p)
     elif fmt == "svamp":
-        data = load_json()
-        for i, o in enumerate(data if isinstance(data, list) else []):
+        data = load_json(list, "one JSON array of SVAMP items (SVAMP.json)")
+        for i, o in enumerate(data):
             need(o, f"{path}: item {i}", "Body", "Question", "Answer")
             body = o["Body"].strip()
             body += "" if body.endswith((".", "?", "!", ",")) else "."
@@ -157,8 +162,8 @@ def convert(fmt: str, path) -> tuple[list[dict], int]:
             need(o, f"{path}:{n}", "input", "target")
             add(f"{path}:{n}", f"mawps-{o.get('type', stem)}-{o.get('idx', i)}", o["input"], o["target"])
     elif fmt == "tabmwp":
-        data = load_json()
-        for pid, o in (data.items() if isinstance(data, dict) else []):
+        data = load_json(dict, "one JSON object of TabMWP problems by id (problems_*.json)")
+        for pid, o in data.items():
             need(o, f"{path}: problem {pid}", "question", "answer", "table")
             if o.get("ans_type") not in ("integer_number", "decimal_number"):
                 skipped += 1

@@ -25,7 +25,7 @@ Texts (the tokenizer renders BOS + prompt + completion [+ EOS]; digits are singl
              apples in all the bags is 5 * 3 = 15.\n...\nThe answer is 15."
   CoMT       the meta-thought: what each given is, then the strategy as formulas over the names,
              no number at all (the programmatic teacher writes not even the question's numbers):
-             "Plan:\nLet bags be the number of bags and per_bag the number of apples in each bag.\n
+             "Plan:\nLet bags be the number of bags.\nLet per_bag be the number of apples in each bag.\n
              apples = bags * per_bag.\n...\nThe answer is apples.\nExecution:\n"
              written as {"prompt", "completion", "eos": false}: the completion is a prefix the
              student continues, so the SFT loss covers exactly the meta-thought and no EOS.
@@ -62,7 +62,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 
@@ -85,6 +85,7 @@ class TeacherConfig:
     ckpt: str = ""                 # local teacher: checkpoint directory (model.py + tokenizer.py)
     batch_size: int = 16           # local teacher: prompts per generate() call
     local_prompt: str = "instruction"  # local teacher: "instruction" (the paper's) | "plain" ("Question: q\n")
+    overwrite: bool = False        # programmatic / rule: replace an existing out (openai and local continue it)
 
 
 # The paper's teacher instruction (CoMT), quoted; the CoT one is ours, for the CoT-SFT baseline.
@@ -249,8 +250,12 @@ def read_jsonl(path) -> list[tuple[int, object]]:
     if not p.is_file():
         raise DataError(f"{path}: file not found")
     rows = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(p, "rb") as f:  # decoded line by line, so that an error can name its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{n}: not UTF-8 text; expected JSON lines in UTF-8") from None
             if line.strip():
                 try:
                     rows.append((n, json.loads(line)))
@@ -273,6 +278,15 @@ def load_problems(path) -> list[dict]:
         ids[p["id"]] = n
         out.append(p)
     return out
+
+
+def check_out_file(path, overwrite: bool):
+    """An output .jsonl path: not a directory, and not an existing file unless overwrite."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"--out {path}: is a directory; expected the path of a .jsonl file")
+    if path.exists() and not overwrite:
+        raise DataError(f"--out {path}: exists; pass --overwrite to replace it")
 
 
 def write_jsonl(path, rows):
@@ -657,8 +671,11 @@ def teach(cfg: TeacherConfig, problems=None) -> dict:
                         f"and comt|cot")
     if not cfg.out:
         raise DataError("--out is required: the output .jsonl")
+    if cfg.limit < 0:
+        raise DataError(f"--limit {cfg.limit}: expected a count >= 0 (0 = all)")
     problems = problems if problems is not None else load_problems(cfg.problems)
     problems = problems[:cfg.limit] if cfg.limit else problems
+    check_out_file(cfg.out, cfg.overwrite or cfg.teacher in ("openai", "local"))
     if cfg.teacher in ("programmatic", "rule"):   # fast and deterministic: rewrite the whole file
         fn = programmatic_teacher if cfg.teacher == "programmatic" else rule_teacher
         pairs, rejected = [], []
@@ -685,9 +702,44 @@ def teach(cfg: TeacherConfig, problems=None) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-def _flags(parser, cls):
+def field_comments(cls) -> dict[str, str]:
+    """The comment at the end of each field's line in a config dataclass's source: every script documents
+    its flags there, once, and --help shows it."""
+    import inspect
+    import io
+    import tokenize
+    comments, name, depth = {}, None, 0
+    for t in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        if t.type == tokenize.INDENT:
+            depth += 1
+        elif t.type == tokenize.DEDENT:
+            depth -= 1
+        elif t.type == tokenize.NAME and name is None and depth == 1 and t.start[1] > 0:
+            name = t.string  # the first name on a line of the class body: the field, if a ":" follows
+        elif t.type == tokenize.COMMENT and name:
+            comments[name] = t.string.lstrip("#").strip()
+        if t.type in (tokenize.NEWLINE, tokenize.NL):
+            name = None
+    return comments
+
+
+def config_flags(parser, cls):
+    """A flag for every field of a config dataclass: `max_steps` is --max-steps, of the default's type;
+    a bool is a switch (--resume / --no-resume); a list or tuple takes several values. The help is the
+    field's comment, with its default."""
+    helps = field_comments(cls)
     for f in fields(cls):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        d = f.default if f.default_factory is MISSING else f.default_factory()
+        kw = dict(default=d, help=helps.get(f.name, "").replace("%", "%%"))
+        if isinstance(d, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(d, (list, tuple)):
+            kw.update(nargs="+", type=type(d[0]) if d else str)
+        else:
+            kw["type"] = type(d)
+        action = parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+        if "%(default)" not in action.help:  # (BooleanOptionalAction adds it itself before Python 3.14)
+            action.help += " (default: " + ('""' if d == "" else "%(default)s") + ")"
 
 
 def main(argv=None) -> int:
@@ -698,12 +750,13 @@ def main(argv=None) -> int:
         argv = ["build"] + argv
     ap = argparse.ArgumentParser(description="Problems, teachers and SFT sets for CoMT (see the module docstring).")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    _flags(sub.add_parser("build", help="the embedded default under --out (the default command)"), world.WorldConfig)
-    _flags(sub.add_parser("teach", help="SFT pairs from a problems file with a teacher"), TeacherConfig)
+    config_flags(sub.add_parser("build", help="the embedded default under --out (the default command)"), world.WorldConfig)
+    config_flags(sub.add_parser("teach", help="SFT pairs from a problems file with a teacher"), TeacherConfig)
     c = sub.add_parser("convert", help="a benchmark file into the problems format")
     c.add_argument("--format", required=True, choices=benchmarks.FORMATS)
     c.add_argument("--in", dest="inp", required=True)
     c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = ap.parse_args(argv)
     try:
         t0 = time.time()
@@ -714,8 +767,12 @@ def main(argv=None) -> int:
             cfg = TeacherConfig(**{f.name: getattr(args, f.name) for f in fields(TeacherConfig)})
             s = teach(cfg)
             print(f"{cfg.teacher} teacher ({cfg.kind}) -> {cfg.out}: " + ", ".join(f"{k} {v}" for k, v in s.items()))
+            if cfg.teacher == "openai" and s["transport"] and not s["written"] and not s["rejected"]:
+                raise DataError(f"--teacher-url {cfg.teacher_url}: no request was answered ({s['transport']} failed; "
+                                f"the reasons are in the rejected file); expected an OpenAI-compatible server")
         else:
             problems, skipped = benchmarks.convert(args.format, args.inp)
+            check_out_file(args.out, args.overwrite)
             write_jsonl(args.out, problems)
             print(f"{args.format}: {len(problems)} problems -> {args.out}"
                   + (f" ({skipped} skipped: answer not a number)" if skipped else ""))

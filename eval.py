@@ -33,7 +33,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import data
@@ -651,8 +651,11 @@ def load_metrics(spec, out):
 def run_eval(cfg):
     """Evaluate every checkpoint on every set; returns the runs' metrics dicts."""
     names = cfg.names or [Path(c).resolve().name for c in cfg.ckpt]
-    if len(names) != len(cfg.ckpt) or len(set(names)) != len(names):
-        raise EvalError(f"run names {names} must be distinct, one per --ckpt (use --names)")
+    if len(names) != len(cfg.ckpt):
+        raise EvalError(f"--names gives {len(names)} names for {len(cfg.ckpt)} --ckpt directories; expected one each")
+    if len(set(names)) != len(names):
+        raise EvalError(f"run names {names} must be distinct, one per --ckpt "
+                        f"({'give other --names' if cfg.names else 'checkpoints with one directory name: use --names'})")
     for c in cfg.ckpt:
         if not (Path(c) / "config.json").is_file():
             raise EvalError(f"checkpoint not found: {c} (expected a directory with config.json)")
@@ -664,8 +667,9 @@ def run_eval(cfg):
     if cfg.greedy and cfg.n_samples > 1:
         raise EvalError("--n-samples > 1 needs sampling: add --no-greedy")
     import torch
-    from model import Transformer
+    from model import Transformer, resolve_device
     from tokenizer import Tokenizer
+    device = resolve_device(cfg.device)
     # data.load_problems checks every line (a question and a numeric answer) before anything runs
     problems = {n: data.load_problems(s) for n, s in zip(set_names, cfg.sets)}
     toks = [Tokenizer.load(c) for c in cfg.ckpt]
@@ -678,7 +682,6 @@ def run_eval(cfg):
                 raise EvalError(f"--given-plan: problem {bad.get('id')!r} of set {n} has no 'program' "
                                 f"(expected world problems, which carry their computation graph)")
     id_sets = [n for n in set_names if n.startswith("test_id") or n in cfg.id_sets]
-    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     runs = []
     for name, ckpt, tok in zip(names, cfg.ckpt, toks):
         torch.manual_seed(cfg.seed)
@@ -710,14 +713,7 @@ def run_eval(cfg):
 def parse_args(argv=None):
     """Flags mirror EvalConfig: --max-new-tokens for max_new_tokens, lists take several values."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in fields(EvalConfig):
-        flag, d = "--" + f.name.replace("_", "-"), getattr(EvalConfig(), f.name)
-        if isinstance(d, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=d)
-        elif isinstance(d, (list, tuple)):
-            p.add_argument(flag, nargs="+", type=float if f.name == "thresholds" else str, default=d)
-        else:
-            p.add_argument(flag, type=type(d), default=d)
+    data.config_flags(p, EvalConfig)
     cfg = EvalConfig(**vars(p.parse_args(argv)))
     cfg.thresholds = tuple(cfg.thresholds)
     return cfg
@@ -732,6 +728,16 @@ def main(argv=None):
             raise EvalError("--batch-size, --max-new-tokens, --n-samples and --n-bins must be >= 1")
         if cfg.confidence_kind not in ("exp", "norm"):
             raise EvalError(f"--confidence-kind: expected exp or norm, got {cfg.confidence_kind!r}")
+        if cfg.limit < 0 or cfg.arithmetic < 0:
+            raise EvalError(f"--limit {cfg.limit} --arithmetic {cfg.arithmetic}: expected counts >= 0 (0 = all / none)")
+        if not all(0 <= t < 1 for t in cfg.thresholds):
+            raise EvalError(f"--thresholds {' '.join(map(str, cfg.thresholds))}: expected confidences in [0, 1)")
+        if not cfg.greedy and not cfg.temperature > 0:
+            raise EvalError(f"--temperature {cfg.temperature}: expected a positive number when sampling")
+        if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+            raise EvalError(f"--out {cfg.out}: exists and is not a directory; expected a directory to write into")
+        if cfg.report and Path(cfg.report).is_dir():
+            raise EvalError(f"--report {cfg.report}: is a directory; expected the path of the HTML file to write")
         runs = ([load_metrics(s, cfg.out) for s in cfg.compare] if cfg.compare else run_eval(cfg))
         if len({r["run"] for r in runs}) != len(runs):
             raise EvalError(f"runs to compare need distinct names, got {[r['run'] for r in runs]}")

@@ -637,6 +637,43 @@ def recover_dir(path: Path) -> None:
         os.replace(old, path)
 
 
+RUN_FILES = ("metrics.jsonl",)  # what a training run writes into its --out before its first checkpoint
+
+
+def check_out_dir(out, resume: bool, overwrite: bool) -> None:
+    """The --out of a training run (sft.py, ppo.py), checked before anything is written: a new or empty
+    directory, the same run's leftovers, or a checkpoint to --resume or to --overwrite. A file, or a
+    directory holding other things, is refused (writing a checkpoint there would replace some of them)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out}: exists and is not a directory; expected a checkpoint directory to write")
+    if resume and not (out / "train_state.pt").exists():
+        raise CheckpointError(f"--out {out}: --resume given but there is no checkpoint with train_state.pt to "
+                              f"resume from")
+    if (out / "config.json").exists():
+        if not resume and not overwrite:
+            raise CheckpointError(f"--out {out}: a checkpoint already exists; pass --resume to continue it or "
+                                  f"--overwrite")
+    elif out.is_dir() and not overwrite:
+        others = sorted(f.name for f in out.iterdir() if f.name not in RUN_FILES)
+        if others:
+            named = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise CheckpointError(f"--out {out}: a directory that is not a checkpoint and holds other files ({named}); "
+                                  f"expected a new or empty directory (or --overwrite)")
+
+
+def resolve_device(name: str) -> str:
+    """--device: auto (CUDA when there is a GPU, else the CPU), cpu or cuda (under torchrun, each rank's
+    own GPU; CUDA_VISIBLE_DEVICES picks one otherwise)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: expected auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device here (torch {torch.__version__}); use --device cpu")
+    return name
+
+
 def read_json(file: Path) -> dict:
     try:
         return json.loads(Path(file).read_text())

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from confidence import ccrl_reward_from_rollout
 from data import answers_match, extract_answer, load_problems, parse_number, prompt_text
 from cross_entropy import chunked_token_logprobs
-from model import Block, Transformer, generate, left_pad, recover_dir
+from model import Block, Transformer, check_out_dir, generate, left_pad, recover_dir, resolve_device
 from sft import (all_sum, append_metrics, clip_grad_norm, init_distributed, lm_head_weight, load_optimizer_state,
                  parse_config, training_state, trim_metrics, wrap_for_training)
 
@@ -121,9 +121,15 @@ def check_config(cfg: PPOConfig):
         bad("--compile with --fsdp: the compiled decode step needs unsharded weights; drop one of them")
     if cfg.confidence_kind not in ("exp", "norm"):
         bad(f"--confidence-kind {cfg.confidence_kind!r}: expected exp or norm")
-    for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "steps", "ppo_epochs", "minibatch_size"):
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        bad(f"--dtype {cfg.dtype!r}: expected auto, float32 or bfloat16")
+    for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "steps", "ppo_epochs", "minibatch_size",
+                 "log_every", "eval_problems_n", "kl_horizon"):
         if getattr(cfg, name) < 1:
             bad(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a positive integer")
+    for name in ("sample_every", "eval_every", "save_every", "stop_at", "target_kl", "kl_target", "grad_clip"):
+        if getattr(cfg, name) < 0:
+            bad(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a number >= 0")
     for name in ("temperature", "clip", "value_clip", "lr", "critic_lr"):
         if not getattr(cfg, name) > 0:
             bad(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a positive number")
@@ -630,13 +636,10 @@ def setup(cfg: PPOConfig):
         recover_dir(out)
     if dist.is_initialized():
         dist.barrier()
-    if cfg.resume and not (out / "train_state.pt").exists():
-        raise PPOError(f"{out}: --resume given but there is no checkpoint with train_state.pt to resume from")
-    if (out / "config.json").exists() and not cfg.resume and not cfg.overwrite:
-        raise PPOError(f"{out}: a checkpoint already exists; pass --resume to continue it or --overwrite")
-    for d in [cfg.init] + ([cfg.value_init] if cfg.value_init else []):
-        if not (Path(d) / "config.json").exists():
-            raise PPOError(f"--init {d}: not a checkpoint directory (no config.json)")
+    check_out_dir(out, cfg.resume, cfg.overwrite)
+    for flag, d in (("--init", cfg.init), ("--value-init", cfg.value_init)):
+        if (d or flag == "--init") and not (Path(d) / "config.json").exists():
+            raise PPOError(f"{flag} {d}: not a checkpoint directory (no config.json)")
     head_from = str(out) if cfg.resume else cfg.value_init
     if head_from and cfg.advantage == "gae" and not (Path(head_from) / "value_head.safetensors").exists():
         raise PPOError(f"{head_from}: no value_head.safetensors; a critic is required (--advantage gae)")
@@ -683,7 +686,7 @@ def load_critic(critic: ValueModel, d: str):
 
 
 def train(cfg: PPOConfig):
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     rank, world = init_distributed(device)
     main = rank == 0
     say = print if main else (lambda *a, **k: None)

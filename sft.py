@@ -5,7 +5,8 @@ different data.
     python sft.py --data data/comt.jsonl --out ckpt/comt              # CoMT-SFT from the shipped base/
     python sft.py --data data/cot.jsonl --out ckpt/cot                # the CoT-SFT baseline
     python sft.py --data data/comt.jsonl --replay data/pretrain.jsonl # half the examples: base documents (the demo)
-    python sft.py --data data/pretrain.jsonl --init scratch --tokenizer base --out base   # base stage
+    python sft.py --data data/pretrain.jsonl --init scratch --tokenizer data/tokenizer --out base --overwrite
+                                                                      # the base stage (make base: all its flags)
     python sft.py --data data/comt.jsonl --out ckpt/comt --resume     # continue a killed run exactly
     torchrun --standalone --nproc_per_node=8 sft.py --init MODEL_DIR --data comt.jsonl --fsdp   # many GPUs
 
@@ -26,7 +27,7 @@ import random
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +35,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cross_entropy import chunked_cross_entropy
-from model import CONFIGS, CheckpointError, ModelConfig, Transformer, fuse_optimizer_state, recover_dir
+from model import (CONFIGS, CheckpointError, ModelConfig, Transformer, check_out_dir, fuse_optimizer_state, recover_dir,
+                   resolve_device)
 
 
 @dataclass
@@ -78,6 +80,28 @@ class SFTConfig:
 
 class DataError(ValueError):
     """Bad training input; the message is one line naming file, line and what was expected."""
+
+
+def check_config(cfg: SFTConfig):
+    """Every flag's range, before anything is read or written."""
+    def bad(name, expected):
+        raise DataError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected {expected}")
+    for name in ("batch_size", "grad_accum", "max_len", "log_every", "eval_problems_n"):
+        if getattr(cfg, name) < 1:
+            bad(name, "a positive integer")
+    for name in ("max_steps", "stop_at", "warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip"):
+        if getattr(cfg, name) < 0:
+            bad(name, "a number >= 0")
+    for name in ("lr", "epochs"):
+        if not getattr(cfg, name) > 0:
+            bad(name, "a positive number")
+    if not 0 <= cfg.min_lr_frac <= 1:
+        bad("min_lr_frac", "a number in [0, 1]")
+    for name in ("eval_frac", "beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            bad(name, "a number in [0, 1)")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        bad("dtype", "auto, float32 or bfloat16")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -371,26 +395,19 @@ def eval_loss(model, examples, cfg: SFTConfig, pad_id: int, device, autocast, ra
 # Training
 
 
-def resolve_device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def setup(cfg: SFTConfig):
     """Validate every input before anything is written: model, tokenizer, data."""
     from tokenizer import Tokenizer
+    check_config(cfg)
     out = Path(cfg.out)
     if not dist.is_initialized() or dist.get_rank() == 0:
         recover_dir(out)
     if dist.is_initialized():
         dist.barrier()
-    has_ckpt = (out / "config.json").exists()
-    if cfg.resume and not (out / "train_state.pt").exists():
-        raise DataError(f"{out}: --resume given but there is no checkpoint with train_state.pt to resume from")
-    if has_ckpt and not cfg.resume and not cfg.overwrite:
-        raise DataError(f"{out}: a checkpoint already exists; pass --resume to continue it or --overwrite")
+    check_out_dir(out, cfg.resume, cfg.overwrite)
+    if cfg.init == "auto":  # resolved here, so the printed and the saved config say which it was
+        cfg.init = "base" if (Path("base") / "config.json").exists() else "scratch"
     init = cfg.init
-    if init == "auto":
-        init = "base" if (Path("base") / "config.json").exists() else "scratch"
     src = str(out) if cfg.resume else init
     if src == "scratch":
         if not cfg.tokenizer:
@@ -479,8 +496,9 @@ def train(cfg: SFTConfig):
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
     def evaluate_now():
-        row = {"step": step, "eval_loss": eval_loss(fwd, held, cfg, tok.pad_id, device, autocast, rank, world)
-               if held else None}
+        row = {"step": step}
+        if held:
+            row["eval_loss"] = eval_loss(fwd, held, cfg, tok.pad_id, device, autocast, rank, world)
         if problems:  # each rank decodes its share of the problems
             from eval import evaluate
             mine = problems[rank::world]
@@ -550,7 +568,7 @@ def train(cfg: SFTConfig):
             t_log, tok_log = time.time(), 0
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
             ev = evaluate_now()
-            if main:
+            if main and len(ev) > 1:  # (no held-out pairs and no problems: nothing to show)
                 bar.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()))
             row = {**(row or {"step": step, "wall_time_s": wall}), **ev}
         if row and main:
@@ -565,15 +583,11 @@ def train(cfg: SFTConfig):
 
 
 def parse_config(cls, doc: str, argv=None):
-    """Flags mirror the config dataclass: field `max_steps` is `--max-steps`, bools are switches.
-    ppo.py parses its PPOConfig the same way."""
+    """Flags mirror the config dataclass (data.config_flags: field `max_steps` is `--max-steps`, its comment
+    the help). ppo.py parses its PPOConfig the same way."""
+    from data import config_flags
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            ap.add_argument(flag, action="store_true", default=f.default)
-        else:
-            ap.add_argument(flag, type=type(f.default), default=f.default)
+    config_flags(ap, cls)
     return cls(**vars(ap.parse_args(argv)))
 
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import data
@@ -54,7 +54,7 @@ class WorldConfig:
     n_train: int = 6000            # training problems (cot.jsonl / comt.jsonl are made from these)
     n_test: int = 500              # in-distribution test problems
     n_ood: int = 500               # problems in each OOD split
-    n_pretrain: int = 10000        # base-corpus documents (about 4 MB at this size)
+    n_pretrain: int = 30000        # base-corpus documents (about 13 MB; the corpus base/ was trained on)
     n_pretrain_test: int = 500     # held-out base-family problems, to measure base skills
     max_value: int = 999           # largest number in an ID problem (question and every step)
     hard_min: int = 100            # ood_hard multiplies the amounts by a factor in [hard_min, hard_max]
@@ -440,11 +440,17 @@ def length_stats(texts, tokenizer_dir=""):
 
 def build_world(cfg: WorldConfig) -> dict:
     """Everything under cfg.out: world splits, base corpus (+ held-out base problems), SFT sets."""
-    if min(cfg.n_train, cfg.n_test, cfg.n_ood, cfg.n_pretrain, cfg.n_pretrain_test) < 1 or not (
-            1 <= cfg.hard_min <= cfg.hard_max) or cfg.max_value < 100 or not 0 <= cfg.base_big <= 1:
-        raise data.DataError(f"bad world config {asdict(cfg)}: sizes >= 1, 1 <= hard_min <= hard_max, "
-                             f"max_value >= 100, 0 <= base_big <= 1")
+    for name in ("n_train", "n_test", "n_ood", "n_pretrain", "n_pretrain_test"):
+        if getattr(cfg, name) < 1:
+            raise data.DataError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a positive integer")
+    if not 1 <= cfg.hard_min <= cfg.hard_max:
+        raise data.DataError(f"--hard-min {cfg.hard_min} --hard-max {cfg.hard_max}: expected 1 <= hard_min <= hard_max")
+    if cfg.max_value < 100 or not 0 <= cfg.base_big <= 1:
+        raise data.DataError(f"--max-value {cfg.max_value} --base-big {cfg.base_big}: expected max_value >= 100 "
+                             f"and base_big in [0, 1]")
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise data.DataError(f"--out {out}: exists and is not a directory; expected the directory to build into")
     splits = {"train": make_split("train", cfg.n_train, cfg)}
     seen = {p["question"] for p in splits["train"]}
     splits["test_id"] = make_split("test_id", cfg.n_test, cfg, exclude=seen)

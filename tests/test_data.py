@@ -1,4 +1,6 @@
 """Tests for data.py: numbers and answers, the validator, teachers, problems files, the CLI; and benchmarks.py."""
+import argparse
+import dataclasses
 import http.server
 import json
 import random
@@ -280,6 +282,12 @@ def test_openai_teacher_unreachable(tmp_path):
                              retries=0, timeout=1)
     assert data.teach(cfg, problems=probs)["transport"] == 1
     assert read(tmp_path / "o.rejected.jsonl")[0]["reason"].startswith("no answer from http://127.0.0.1:9/v1/chat/completions")
+    # On the command line a run that got no answer at all fails (exit 2), so a script does not go on to train
+    # on an empty file.
+    (tmp_path / "p.jsonl").write_text(json.dumps(probs[0]) + "\n")
+    rc = data.main(["teach", "--teacher", "openai", "--teacher-url", "http://127.0.0.1:9/v1", "--retries", "0",
+                    "--timeout", "1", "--problems", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "c.jsonl")])
+    assert rc == 2
 
 
 def test_local_teacher(tmp_path, world):
@@ -340,6 +348,57 @@ def test_cli_bad_input_exits_2_and_keeps_output(tmp_path):
                         str(tmp_path / "nope.json"), "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().endswith("nope.json: file not found") and r.stderr.count("\n") == 1
     assert data.main(["--n-train", "0", "--out", str(tmp_path / "w")]) == 2
+    # An existing output is replaced only with --overwrite (teach's programmatic / rule teachers, convert).
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"question": "Q?", "answer": "1", "solution": "1 + 0 = <<1+0=1>>1\\n#### 1"}\n')
+    for args in (["teach", "--teacher", "rule", "--kind", "cot", "--problems", str(good)],
+                 ["convert", "--format", "problems", "--in", str(good)]):
+        r = subprocess.run([sys.executable, str(ROOT / "data.py"), *args, "--out", str(out)], capture_output=True,
+                           text=True)
+        assert (r.returncode, r.stderr) == (2, f"error: --out {out}: exists; pass --overwrite to replace it\n")
+        assert out.read_text() == "keep me\n"
+        assert data.main([*args, "--out", str(out), "--overwrite"]) == 0 and out.read_text() != "keep me\n"
+        out.write_text("keep me\n")
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "convert", "--format", "gsm8k", "--in", str(good),
+                        "--out", str(tmp_path)], capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (2, f"error: --out {tmp_path}: is a directory; expected the path of a .jsonl file\n")
+
+
+def test_unreadable_and_misshapen_files_are_named(tmp_path):
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"question": "Q?", "answer": "1"}\n{"question": "caf\xe9?", "answer": "2"}\n')
+    with pytest.raises(data.DataError, match=re.escape(f"{latin1}:2: not UTF-8 text")):
+        data.load_problems(latin1)
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text('{"question": "Q?", "answer": "1"}\n{"question": "R?", "answer": "2"}\n')
+    with pytest.raises(data.DataError, match=re.escape(f"{lines}:2: not one JSON document (Extra data); expected "
+                                                       f"one JSON array of SVAMP items")):
+        benchmarks.convert("svamp", lines)  # JSON lines given where SVAMP's single array is expected
+    with pytest.raises(data.DataError, match=re.escape(f"{latin1}: not one JSON document (not UTF-8)")):
+        benchmarks.convert("svamp", latin1)
+    obj = tmp_path / "obj.json"
+    obj.write_text('{"1": {}}')
+    with pytest.raises(data.DataError, match=re.escape(f"{obj}: a JSON dict; expected one JSON array")):
+        benchmarks.convert("svamp", obj)
+
+
+def test_every_flag_has_its_config_comment_as_help():
+    import ppo
+    import sft
+    for cls in (data.TeacherConfig, world_py.WorldConfig, sft.SFTConfig, ppo.PPOConfig):
+        helps = data.field_comments(cls)
+        assert set(helps) <= {f.name for f in dataclasses.fields(cls)}
+        assert len(helps) >= len(dataclasses.fields(cls)) - 6, cls  # a few self-explanatory fields go without
+    helps = data.field_comments(sft.SFTConfig)
+    assert helps["replay_frac"] == "share of the training examples drawn from replay (when replay is set)"
+    assert helps["out"].startswith("checkpoint directory written (atomically)") and "beta1" not in helps
+    assert data.field_comments(ppo.PPOConfig)["alpha"] == "CCRL: +alpha * confidence for a correct computed number"
+    ap = argparse.ArgumentParser()
+    data.config_flags(ap, sft.SFTConfig)
+    text = ap.format_help()
+    assert "share of the training examples drawn from replay (when replay is set) (default: 0.5)" in " ".join(text.split())
+    assert vars(ap.parse_args(["--resume", "--lr", "3e-4"]))["resume"] is True
+    assert vars(ap.parse_args(["--no-resume"]))["resume"] is False and vars(ap.parse_args([]))["lr"] == 1e-3
 
 
 

@@ -284,6 +284,26 @@ def test_cli_missing_checkpoint(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args, expect", [
+    (["--limit", "-1"], "--limit -1"),                          # a negative count would slice off the end
+    (["--thresholds", "0.5", "1.5"], "--thresholds 0.5 1.5: expected confidences in [0, 1)"),
+    (["--names", "a", "b"], "--names gives 2 names for 1 --ckpt"),
+    (["--no-greedy", "--temperature", "0"], "--temperature 0.0"),
+    (["--out", "taken.txt"], "--out taken.txt: exists and is not a directory"),
+    (["--device", "tpu"], "--device tpu: expected auto, cpu or cuda"),
+])
+def test_cli_bad_flags_one_line_exit_2(tmp_path, capsys, args, expect):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text("{}")
+    (tmp_path / "taken.txt").write_text("keep")
+    (tmp_path / "test_id.jsonl").write_text('{"question": "2 apples?", "answer": "2"}\n')
+    r = cli("--ckpt", "ck", "--sets", "test_id.jsonl", *args, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+    assert expect in r.stderr, r.stderr
+    assert (tmp_path / "taken.txt").read_text() == "keep" and not (tmp_path / "out").exists()
+
+
 def test_cli_problems_without_answer_writes_nothing(tmp_path, capsys):
     ck = tmp_path / "ck"
     ck.mkdir()

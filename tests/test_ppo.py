@@ -109,6 +109,13 @@ def test_bad_inputs_one_line_exit_2(sft_ckpt, tmp_path):
     bad("noans.jsonl", "--problems", no_answer)
     # A critic is required (GAE) but the checkpoint to take it from has no value head.
     bad("value_head.safetensors", "--value-init", d / "sft")
+    bad(f"--value-init {tmp_path / 'nowhere'}: not a checkpoint directory", "--value-init", tmp_path / "nowhere")
+    bad("--dtype 'fp16'", "--dtype", "fp16")
+    bad("--log-every 0: expected a positive integer", "--log-every", 0)
+    bad("--eval-every -1: expected a number >= 0", "--eval-every", -1)
+    (tmp_path / "notes.txt").write_text("mine")
+    bad("--out", "--out", tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "o").exists()  # nothing was written by any of the refused runs
 
 

@@ -1,6 +1,7 @@
 """sft.py: loss mask, overfitting, exact resume, crash safety, transformers parity, bad inputs."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -188,9 +189,39 @@ def test_bad_inputs_one_line_exit_2(tmp_path, tokdir):
     small.save_pretrained(tmp_path / "small")
     Tokenizer.load(tokdir).save(tmp_path / "small")
     bad("embedding rows", init=tmp_path / "small")
-    # Without --overwrite or --resume an existing checkpoint is refused.
-    r = run_cli(sum(([f"--{k.replace('_', '-')}", v] for k, v in good.items()), []), tmp_path)
-    assert r.returncode == 2 and "already exists" in r.stderr
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    bad("latin1.jsonl:1: not UTF-8", data=tmp_path / "latin1.jsonl")
+    bad("--batch-size 0: expected a positive integer", batch_size=0)  # (was a ZeroDivisionError traceback)
+    if not torch.cuda.is_available():
+        bad("--device cuda: no CUDA device here", device="cuda")
+    # The other ranges, in-process (check_config runs first in setup, before anything is read or written).
+    for flag, value, expect in (("grad_accum", "0", "a positive integer"), ("lr", "-1", "a positive number"),
+                                ("max_steps", "-5", ">= 0"), ("log_every", "0", "a positive integer"),
+                                ("dtype", "fp16", "auto, float32 or bfloat16"), ("eval_frac", "1", "in [0, 1)"),
+                                ("min_lr_frac", "1.5", "in [0, 1]")):
+        with pytest.raises(sft.DataError, match=re.escape(f"--{flag.replace('_', '-')} ") + ".*" + re.escape(expect)):
+            sft.check_config(sft.parse_args([f"--{flag.replace('_', '-')}", value]))
+    sft.check_config(sft.parse_args([]))  # the defaults pass
+    with pytest.raises(ValueError, match="--device gpu: expected auto, cpu or cuda"):
+        sft.resolve_device("gpu")
+
+    # Without --overwrite or --resume: an existing checkpoint, a file, a directory of other things are refused.
+    def refused(expect, out):
+        r = run_cli(sum(([f"--{k.replace('_', '-')}", v] for k, v in {**good, "out": out}.items()), []), tmp_path)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and expect in r.stderr, r.stderr
+    refused("a checkpoint already exists", tmp_path / "out")
+    (tmp_path / "notes.txt").write_text("mine")
+    refused("exists and is not a directory", tmp_path / "notes.txt")
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "model-notes.txt").write_text("mine")  # a checkpoint write would drop model-* files
+    refused("holds other files (model-notes.txt)", tmp_path / "mixed")
+    assert (tmp_path / "notes.txt").read_text() == (tmp_path / "mixed" / "model-notes.txt").read_text() == "mine"
+    # A run's own leftovers (killed before its first checkpoint) are no obstacle.
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "metrics.jsonl").write_text('{"step": 1}\n')
+    r = run_cli(sum(([f"--{k.replace('_', '-')}", v] for k, v in {**good, "out": tmp_path / "killed"}.items()), []),
+                tmp_path)
+    assert r.returncode == 0 and (tmp_path / "killed" / "config.json").exists(), r.stderr
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tokdir, monkeypatch):

@@ -233,5 +233,5 @@ def test_world_cli(tmp_path):
         r = subprocess.run([sys.executable, str(ROOT / script), "--out", str(tmp_path / "w"), "--hard-min", "0"],
                            capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, (script, r.stderr)
-        assert r.stderr.startswith("error: bad world config {'out': ")
+        assert r.stderr == "error: --hard-min 0 --hard-max 1000: expected 1 <= hard_min <= hard_max\n"
     assert not (tmp_path / "w").exists()
