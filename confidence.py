@@ -166,9 +166,27 @@ _WORD = re.compile(r"(?i)\b(" + "|".join(_WORD_VALUES) + r")(?:[- ](one|two|thre
                    r"|eight|nine))?\b")
 
 
+_SCALED = re.compile(r"(?i)(?<![\w.,])(\d+(?:\.\d+)?|" + "|".join(w for w, v in _WORD_VALUES.items() if 1 <= v[0] <= 90)
+                     + r")(?:[- ](one|two|three|four|five|six|seven|eight|nine))?\s+(hundred|thousand|million)\b")
+_MIXED = re.compile(r"(?<![\w.,/])(\d+) (\d+)/(\d+)(?![\w/])")  # "1 1/2"
+_PERCENT = re.compile(r"(?i)\s*(?:%|per ?cent\b)")
+
+
 def question_values(question: str) -> list[float]:
-    """Every value the question states: its numbers, its number words, and 100 if it has a percentage."""
-    values = [n.value for n in number_spans(question)]
+    """Every value the question states: its numbers; the value of each bare fraction ("3/4 of them" states
+    0.75 as well as 3 and 4) and mixed number ("1 1/2": 1.5); each percentage as a share ("25%": 0.25) and
+    100; its number words ("three", "half" = 2 and 0.5); and a number times its scale word ("three
+    hundred", "2.5 million")."""
+    spans = number_spans(question)
+    values = [n.value for n in spans]
+    values += [n.value for n in number_spans(question, fractions=True) if "/" in question[n.start:n.end]]
+    values += [int(m.group(1)) + int(m.group(2)) / int(m.group(3)) for m in _MIXED.finditer(question) if int(m.group(3))]
+    values += [n.value / 100 for n in spans if _PERCENT.match(question, n.end)]
+    for m in _SCALED.finditer(question):
+        head = m.group(1).lower()
+        v = float(head) if head[0].isdigit() else _WORD_VALUES[head][0] + (
+            _WORD_VALUES[m.group(2).lower()][0] if m.group(2) else 0)
+        values.append(float(v * _WORD_VALUES[m.group(3).lower()][0]))
     for m in _WORD.finditer(question):
         head = _WORD_VALUES[m.group(1).lower()]
         values.extend(float(v) for v in head)

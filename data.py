@@ -45,8 +45,9 @@ values. Numbers in text are read by confidence.py, as CCRL reads them, with a ba
 number (`number_spans(text, fractions=True)`): integers, decimals, thousands separators, negatives
 where the minus cannot be a subtraction; digits inside identifiers do not count. Counters up to 20
 ("Step 2", list markers "2." / "2)" at a line start, ordinals "3rd") are labels, not numbers. The
-question's values are confidence.question_values (its numbers, its number words: "three", "half" = 2
-and 0.5, and 100 if it has a percentage) plus the value of every bare fraction it writes.
+question's values are confidence.question_values: its numbers, its number words ("three", "half" = 2
+and 0.5), the value of every bare fraction and mixed number it writes, each percentage as a share and
+100, and a number with its scale word ("three hundred" = 300).
 """
 from __future__ import annotations
 
@@ -167,6 +168,14 @@ def answers_match(pred, gold) -> bool:
         return False
     p, g = float(p), float(g)
     return abs(p - g) <= 1e-6 * max(1.0, abs(g))
+
+
+def grade_answer(response_text: str, gold) -> bool | None:
+    """Whether a response's final answer is right: None when it has no parsable one (no 'The answer is'
+    line, or a last one without a number, like the plan's "The answer is hay." of a CoMT response that
+    stopped before executing its plan), else whether its number equals gold."""
+    pred = extract_answer(response_text)
+    return None if normalize_answer(pred) is None else answers_match(pred, gold)
 
 
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
@@ -318,11 +327,10 @@ def sft_pair(problem, completion, kind):
 # Numbers in text are confidence.py's, so the validator rejects every number that CCRL would score as
 # computed. confidence is imported where it is used: it loads torch, which reading problems does not need.
 def question_values(question: str) -> list[float]:
-    """The values a question states: confidence.question_values (its numbers, number words, 100 for a
-    percentage) plus the value of each bare fraction it writes ("3/4 of them" also states 0.75)."""
+    """The values a question states: confidence.question_values (its numbers, the values of its fractions
+    and percentages, number words), the very list CCRL's computed numbers are judged against."""
     import confidence
-    return confidence.question_values(question) + [
-        n.value for n in confidence.number_spans(question, fractions=True) if "/" in question[n.start:n.end]]
+    return confidence.question_values(question)
 
 
 def find_computed_numbers(text: str, question: str) -> list[str]:

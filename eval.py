@@ -264,7 +264,7 @@ def evaluate(model, tokenizer, problems, batch_size, max_new_tokens, greedy=True
             pred = data.extract_answer(text)
             records[i]["responses"].append({
                 "text": text, "pred": pred,
-                "correct": pred is not None and bool(data.answers_match(pred, problems[i]["answer"])),
+                "correct": data.grade_answer(text, problems[i]["answer"]) is True,
                 "n_tokens": len(ids), "eos": eos,
                 "computed_numbers": computed_numbers(tokenizer, problems[i], body, ent[:len(body)],
                                                      confidence_kind)})

@@ -35,7 +35,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from confidence import ccrl_reward_from_rollout
-from data import answers_match, extract_answer, load_problems, parse_number, prompt_text
+from data import grade_answer, load_problems, parse_number, prompt_text
 from cross_entropy import chunked_token_logprobs
 from model import Block, Transformer, check_out_dir, generate, left_pad, recover_dir, resolve_device
 from sft import (all_sum, append_metrics, clip_grad_norm, init_distributed, lm_head_weight, load_optimizer_state,
@@ -497,8 +497,7 @@ def ppo_step(step: int, cfg: PPOConfig, ctx) -> dict:
     # 4. Scores (paper §3.2): outcome at the last token; with --reward ccrl also +alpha*c / -beta*c at
     #    each computed number's last token, c from the sampling entropies of its tokens.
     texts = [response_text(tok, g.tokens[b][g.mask[b].bool()].tolist()) for b in range(len(batch))]
-    preds = [extract_answer(t) for t in texts]
-    correct = [None if a is None else answers_match(a, p["answer"]) for a, p in zip(preds, batch)]
+    correct = [grade_answer(t, p["answer"]) for t, p in zip(texts, batch)]  # None: no parsable answer
     alpha, beta = (cfg.alpha, cfg.beta) if cfg.reward == "ccrl" else (0.0, 0.0)
     scores, breakdown, numbers = ccrl_reward_from_rollout(
         g.tokens, g.mask, g.entropies, [p["question"] for p in batch],
@@ -514,6 +513,7 @@ def ppo_step(step: int, cfg: PPOConfig, ctx) -> dict:
     #    whitening statistics are over all ranks' tokens.
     kl_coef = ctx["kl"].value
     rewards, kl = compute_rewards(scores, old_logp, ref_logp, mask, kl_coef)
+    logged_rewards = rewards  # the `reward` metric: score - kl_coef * KL, whatever the whitening below does
     if cfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False, reduce=reduce)
     if cfg.advantage == "gae":
@@ -565,7 +565,7 @@ def ppo_step(step: int, cfg: PPOConfig, ctx) -> dict:
         sum(b["confidence_bonus"] for b in breakdown), sum(b["n_computed"] for b in breakdown),
         sum(b["n_correct"] for b in breakdown),
         g.finished.sum(), mask.sum()]),
-        torch.stack([(rewards * mask).sum(), (kl * mask).sum(), (kl_penalty(old_logp, ref_logp, "k3") * mask).sum(),
+        torch.stack([(logged_rewards * mask).sum(), (kl * mask).sum(), (kl_penalty(old_logp, ref_logp, "k3") * mask).sum(),
                      torch.where(mask.bool(), g.entropies, 0.0).sum(),
                      torch.where(mask.bool(), (g.logprobs - old_logp).abs(), 0.0).sum()]).double()]))
     rows, outcome, right, bonus, computed, computed_right, eos, n_tok, rew, kl_sum, k3, ent, gap = totals.tolist()

@@ -4,9 +4,9 @@ import random
 import pytest
 import torch
 
-from confidence import (ComputedNumber, ConfidenceError, ccrl_reward, ccrl_reward_from_rollout, computed_numbers,
-                        confidence, gold_values, is_counter, number_is_correct, number_spans, number_token_spans,
-                        outcome_score, question_values, score_computed_numbers)
+from confidence import (ComputedNumber, ConfidenceError, NumberSpan, ccrl_reward, ccrl_reward_from_rollout,
+                        computed_numbers, confidence, gold_values, is_counter, number_is_correct, number_spans,
+                        number_token_spans, outcome_score, question_values, score_computed_numbers)
 from ppo import entropy_from_logits
 
 
@@ -57,6 +57,16 @@ def test_question_values():
         assert any(math.isclose(v, u) for u in vals), v
     assert not any(math.isclose(7, u) for u in vals)
     assert question_values("no numbers here") == []
+    # What GSM8K questions write besides plain numbers: a fraction, a mixed number, a percentage, a scale word
+    # each state their value, so a response that uses 0.75, 1.5, 0.25 or 300 has not computed it.
+    cases = {"3/4 of 80 apples": [0.75, 3, 4, 80], "He ate 1 1/2 pies": [0.5, 1, 1.5, 2],
+             "25% of 80": [0.25, 25, 80, 100], "10 percent of 7": [0.1, 7, 10, 100],
+             "three hundred apples and 2.5 million pears": [2.5, 3, 100, 300, 1e6, 2.5e6],
+             "twenty-five hundred": [5, 20, 25, 100, 2500], "x2 and 3/4/5 and 7-3": [3, 4, 5, 7, 3]}
+    for q, expected in cases.items():
+        assert sorted(set(question_values(q))) == sorted(set(map(float, expected))), q
+    resp = [NumberSpan(0, 0, v, str(v)) for v in (0.75, 60.0, 1.5, 300.0)]
+    assert [s.value for s in computed_numbers("3/4 of 80 apples, 1 1/2 pies, three hundred pears", resp)] == [60.0]
 
 
 # ----------------------------------------------------------------------------- numbers on tokens
@@ -256,6 +266,16 @@ def test_ccrl_reward_from_rollout_equals_hand_computation():
     assert [(d["outcome"], d["n_computed"], d["n_correct"]) for d in breakdown] == [
         (0.0, 2, 1), (1.0, 3, 2), (-1.0, 1, 0), (-1.0, 1, 1)]
     assert breakdown[1]["confidence_bonus"] == pytest.approx(0.1 * c(1, 4, 5) - 0.25 * c(1, 7, 13) + 0.1 * c(1, 18, 19))
+
+    # the other confidence, 1 - mean H / log V, reaches the rewards the same way
+    V = 50_000
+    s_norm, _, n_norm = ccrl_reward_from_rollout(
+        tokens, mask, ent, [QUESTION] * B, [GOLD] * B, [False, True, None, None], [True, True, False, True],
+        lambda i: vocab[i], [ids[EOS]], alpha=0.1, beta=0.25, kind="norm", vocab_size=V)
+    cn = lambda b, s, e: 1 - sum(float(ent[b, t]) for t in range(s, e + 1)) / (e - s + 1) / math.log(V)
+    assert float(s_norm[1, 13]) == pytest.approx(-0.25 * cn(1, 7, 13), abs=1e-6)
+    assert float(s_norm[0, 9]) == pytest.approx(0.1 * cn(0, 8, 9), abs=1e-6)
+    assert [n.confidence for n in n_norm[3]] == pytest.approx([cn(3, 6, 7)])
 
     # bytes from decode_token give the same result; without dedupe the copies are scored too
     s2, _, _ = ccrl_reward_from_rollout(tokens, mask, ent, [QUESTION] * B, [GOLD] * B, [False, True, None, None],

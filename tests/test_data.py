@@ -46,6 +46,14 @@ def test_numbers_and_answers():
     assert data.extract_answer("The answer is 2.\nThe answer is 7.") == "7"
     assert data.answers_match("1,234", "1234") and data.answers_match("72.0", "72")
     assert not data.answers_match("73", "72") and not data.answers_match(None, "72") and not data.answers_match("x", "1")
+    # grade_answer: True / False for a numeric final answer, None (PPO's penalty) without one, including a CoMT
+    # response that stops after its plan, whose last answer line names a variable
+    plan = "Plan:\nLet hay be the hay.\nThe answer is hay.\nExecution:\n"
+    assert data.grade_answer(plan + "hay = 6\nThe answer is 6.", "6") is True
+    assert data.grade_answer(plan + "hay = 5\nThe answer is 5.", "6") is False
+    assert data.grade_answer(plan, "6") is None and data.grade_answer("no answer line", "6") is None
+    assert data.grade_answer("The answer is about 6 apples.", "6") is None
+    assert data.grade_answer("The answer is $6 (dollars).", "6") is True
 
 
 def test_safe_eval_only_arithmetic():
@@ -66,7 +74,7 @@ def test_validator():
         data.check_meta_thought("Plan:\napples = 5 * 3 = 15.\nExecution:\n", q)
     with pytest.raises(data.Rejected, match="empty"):
         data.check_meta_thought("Plan:\n\nExecution:\n", q)
-    assert sorted(data.question_values("twenty-five cats, a dozen eggs, 10% off")) == [5, 10, 12, 20, 25, 100]
+    assert sorted(data.question_values("twenty-five cats, a dozen eggs, 10% off")) == [0.1, 5, 10, 12, 20, 25, 100]
     assert sorted(data.question_values("3/4 of 12 eggs")) == [0.75, 3, 4, 12]      # a fraction states its value too
 
 
@@ -291,7 +299,7 @@ def test_openai_teacher_unreachable(tmp_path):
 
 
 def test_local_teacher(tmp_path, world):
-    torch = pytest.importorskip("torch")
+    import torch
     import model as model_py
     import tokenizer as tok_py
     tok = tok_py.train_bpe(world["pretrain"][:200], 300)

@@ -1,6 +1,7 @@
 """eval.py: metrics against hand computation, pass@k, the table, the HTML report, the CLI, evaluate()."""
 import itertools
 import json
+import math
 import random
 import re
 import subprocess
@@ -406,6 +407,30 @@ def test_evaluate_glue_with_scripted_generate(tok, monkeypatch):
         ev.evaluate(None, tok, PROBLEMS, 4, 8, greedy=True, n_samples=2)
 
 
+def test_each_number_is_scored_with_its_own_tokens_entropies(tok, monkeypatch):
+    """Entropies that differ at every token: each computed number's confidence is exp(-mean H) over exactly
+    the tokens holding its characters (an off-by-one between tokens and entropies would change it)."""
+    text = SCRIPT[0][0]
+    ids = tok.encode(text)
+
+    def generate(model, prompts, max_new_tokens, **kw):
+        n = len(ids) + 1
+        ent = torch.tensor([[0.05 * (j + 1) for j in range(n)]])
+        return model_py.Generation(torch.tensor([ids + [tok.eos_id]]), torch.zeros(1, n), ent,
+                                   torch.ones(1, n, dtype=torch.long), torch.tensor([True]))
+
+    monkeypatch.setattr(model_py, "generate", generate)
+    got = ev.evaluate(None, tok, PROBLEMS[:1], batch_size=1, max_new_tokens=64, progress=False)
+    numbers = got["records"][0]["responses"][0]["computed_numbers"]
+    ends = np.cumsum([len(tok.decode([i])) for i in ids])  # character span of each token in the text
+    starts = ends - [len(tok.decode([i])) for i in ids]
+    assert [x["value"] for x in numbers] == [36, 31]
+    for x, value in zip(numbers, ("36", "31")):
+        m = re.search(rf"\b{value}\b", text)  # first occurrence: later ones are copies
+        held = [j for j in range(len(ids)) if starts[j] < m.end() and ends[j] > m.start()]
+        assert x["confidence"] == pytest.approx(math.exp(-np.mean([0.05 * (j + 1) for j in held])), rel=1e-6)
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     # a tiny model on a shared 2-core machine runs faster on one thread than fighting for two
@@ -471,7 +496,7 @@ def test_arithmetic_items_are_right_and_cover_every_cell():
     assert ev.arithmetic_items(15, seed=3) == items
 
 
-def test_arithmetic_probe_runs_on_a_tiny_model(tmp_path):
+def test_arithmetic_probe_runs_on_a_tiny_model(tmp_path, monkeypatch):
     import torch
     from model import CONFIGS, ModelConfig, Transformer
     from tokenizer import train_bpe
@@ -483,6 +508,26 @@ def test_arithmetic_probe_runs_on_a_tiny_model(tmp_path):
     assert all(0.0 <= a <= 1.0 for v in res.values() for a in v.values())
     header, rows = ev.arithmetic_table([{"run": "r", "arithmetic": res}])
     assert header[:2] == ["run", "op"] and len(rows) == 4
+    # The scoring itself, with a scripted model: right on every "+" item and on the first item of each other
+    # cell, off by one elsewhere; so the cells score 1 and 1/4 exactly.
+    items = ev.arithmetic_items(4, seed=0)
+    first = {(op, size): q for op, size, q, _ in reversed(items)}  # (reversed: the first item of a cell wins)
+
+    def generate(model, prompts, max_new_tokens, **kw):
+        rows = []
+        for p in prompts:
+            op, size, q, c = next(it for it in items if tok.encode(it[2], bos=tok.bos_id is not None) == p)
+            right = op == "+" or first[(op, size)] == q
+            rows.append(tok.encode(f" {c if right else c + 1}\n"))
+        n = max(map(len, rows))
+        tokens = torch.tensor([r + [0] * (n - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows])
+        return model_py.Generation(tokens, torch.zeros(len(rows), n), torch.zeros(len(rows), n), mask,
+                                   torch.ones(len(rows), dtype=torch.bool))
+
+    monkeypatch.setattr(model_py, "generate", generate)
+    res = ev.arithmetic_accuracy(None, tok, n=4, seed=0, batch_size=7)
+    assert res == {op: {size: (1.0 if op == "+" else 0.25) for size in ev.ARITH_SIZES} for op in "+-*/"}
 
 
 def test_group_by_seed_mean_and_std():

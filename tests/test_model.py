@@ -6,11 +6,10 @@ import sys
 
 import pytest
 import torch
+import transformers  # the reference (requirements-dev.txt): a missing one fails the suite, never skips it
 
 import model as M
 from model import ModelConfig, Transformer, generate
-
-transformers = pytest.importorskip("transformers")
 
 ROOT = M.Path(M.__file__).resolve().parent
 
@@ -198,6 +197,13 @@ def test_sampling_filters():
     assert seen == {0, 1}  # the smallest prefix reaching top_p holds the two best tokens
     tok, lp, ent = M.sample_token(logits, 0.0, 0, 1.0)
     assert tok.item() == 0 and torch.isclose(lp, torch.log_softmax(logits, -1)[:, 0]).all()
+    # With a filter, the log-prob and entropy are still those of the whole softmax(logits / T) (what PPO's
+    # ratio and the confidence are defined on), not of the truncated, renormalised distribution.
+    full = torch.log_softmax(logits / 0.7, -1)[0]
+    for top_k, top_p in ((2, 1.0), (0, 0.8), (3, 0.9)):
+        tok, lp, ent = M.sample_token(logits, 0.7, top_k, top_p, gen)
+        assert lp.item() == pytest.approx(full[tok.item()].item(), abs=1e-6)
+        assert ent.item() == pytest.approx(-(full.exp() * full).sum().item(), abs=1e-6)
 
 
 def test_sharded_and_bf16_checkpoints_load_in_transformers(tmp_path):

@@ -34,7 +34,7 @@ def rand(*shape, seed):
 @pytest.mark.parametrize("mtype,kw", [("llama", {}), ("qwen2", dict(tied=False)), ("qwen3", dict(head_dim=16)),
                                       ("llama", dict(attention_bias=True, mlp_bias=True, num_key_value_heads=1))])
 def test_hf_layout_round_trip(mtype, kw):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     m = randomize(Transformer(tiny(mtype, **kw)), 1)
     hf_state = ours_to_hf(m.state_dict(), m.config)
     d = m.config.to_hf()
@@ -296,7 +296,6 @@ def test_chunked_losses_under_bf16_autocast():
 
 
 def test_bench_small_runs_every_section(tmp_path):
-    pytest.importorskip("transformers")
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # test_attention sets it
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--small", "--out", str(out)],
@@ -340,7 +339,6 @@ def test_bench_gpu_checks_pass_on_the_cpu_through_their_seams(monkeypatch):
 
 
 def test_bench_sections_run_in_the_order_given_and_bad_ones_are_refused(tmp_path):
-    pytest.importorskip("transformers")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = lambda *a: subprocess.run([sys.executable, str(ROOT / "bench.py"), "--small", *a], capture_output=True,
                                     text=True, cwd=ROOT, timeout=600, env=env)
@@ -460,7 +458,6 @@ def test_the_mask_prepared_once_per_forward_changes_no_bit():
 
 def test_bench_keeps_the_finished_sections_when_a_run_is_cut_short(tmp_path, monkeypatch):
     # On a lent GPU the call has a time limit: what was measured before the kill must be on disk.
-    pytest.importorskip("transformers")
     import bench
 
     def killed(b):

@@ -249,6 +249,56 @@ def test_value_loss_hand_case():
     # token 2: V clipped to 0.8: max(0.25, 0.64) = 0.64 (clipped term larger)
     assert float(loss) == pytest.approx(0.5 * (0.64 + 1.21 + 0.64) / 3, rel=1e-6)
     assert float(stats["clipfrac"]) == pytest.approx(2 / 3)
+    # Clipping active but the unclipped error the larger: V 1.5 from V_old 1 and R 0 is 2.25, clipped (1.2) 1.44;
+    # the max keeps 2.25 (a loss on the clipped error alone would give 1.44).
+    loss, stats = value_loss(torch.tensor([[1.5]]), torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.ones(1, 1))
+    assert float(loss) == pytest.approx(0.5 * 2.25) and float(stats["clipfrac"]) == 0.0
+
+
+def test_clipped_losses_equal_a_plain_loop_on_random_tokens():
+    """policy_loss and value_loss, their gradients and stats, against a per-token Python loop over ragged masks,
+    with and without an n_tokens denominator (what a rank passes when the mean is over all ranks' tokens)."""
+    gen = torch.Generator().manual_seed(11)
+    B, T, clip = 4, 9, 0.2
+    mask = (torch.rand(B, T, generator=gen) < 0.7).float()
+    mask[0] = 0.0
+    mask[0, 3] = 1.0
+    lp_old, adv = torch.randn(B, T, generator=gen) * 0.5, torch.randn(B, T, generator=gen)
+    lp_new = (lp_old + 0.3 * torch.randn(B, T, generator=gen)).requires_grad_()
+    v_old, ret = torch.randn(B, T, generator=gen), torch.randn(B, T, generator=gen)
+    v_new = (v_old + 0.4 * torch.randn(B, T, generator=gen)).requires_grad_()
+    toks = [(b, t) for b in range(B) for t in range(T) if mask[b, t] == 1]
+    lpn, vn = lp_new.detach(), v_new.detach()  # the loop's plain numbers
+    for n_tokens in (None, torch.tensor(3 * len(toks))):
+        denom = len(toks) if n_tokens is None else int(n_tokens)
+        p_loss, p_grad, p_clipped, k3 = 0.0, torch.zeros(B, T), 0, []
+        v_loss, v_grad, v_clipped = 0.0, torch.zeros(B, T), 0
+        for b, t in toks:
+            r = math.exp(float(lpn[b, t] - lp_old[b, t]))
+            a = float(adv[b, t])
+            un, cl = -a * r, -a * min(max(r, 1 - clip), 1 + clip)
+            p_loss += max(un, cl) / denom
+            p_grad[b, t] = (-a * r if un >= cl else 0.0) / denom  # d/dlogp of -A r is -A r; the clipped term is flat
+            p_clipped += cl > un
+            k3.append((r - 1) - math.log(r))
+            v, vo, R = float(vn[b, t]), float(v_old[b, t]), float(ret[b, t])
+            vc = vo + min(max(v - vo, -clip), clip)
+            e_un, e_cl = (v - R) ** 2, (vc - R) ** 2
+            v_loss += 0.5 * max(e_un, e_cl) / denom
+            v_grad[b, t] = ((v - R) if e_un >= e_cl else (vc - R) * (abs(v - vo) < clip)) / denom
+            v_clipped += e_cl > e_un
+        lp_new.grad = v_new.grad = None
+        loss, stats = policy_loss(lp_new, lp_old, adv, mask, clip=clip, n_tokens=n_tokens)
+        loss.backward()
+        assert float(loss) == pytest.approx(p_loss, rel=1e-5)
+        assert torch.allclose(lp_new.grad, p_grad, atol=1e-6)
+        assert float(stats["clipfrac"]) == pytest.approx(p_clipped / len(toks))
+        assert float(stats["approx_kl"]) == pytest.approx(sum(k3) / len(toks), rel=1e-5)
+        loss, stats = value_loss(v_new, v_old, ret, mask, clip=clip, n_tokens=n_tokens)
+        loss.backward()
+        assert float(loss) == pytest.approx(v_loss, rel=1e-5)
+        assert torch.allclose(v_new.grad, v_grad, atol=1e-6)
+        assert float(stats["clipfrac"]) == pytest.approx(v_clipped / len(toks))
 
 
 def test_explained_variance():

@@ -1,6 +1,7 @@
 """sft.py: loss mask, overfitting, exact resume, crash safety, transformers parity, bad inputs."""
 
 import json
+import random
 import re
 import subprocess
 import sys
@@ -110,7 +111,7 @@ def test_resume_is_bit_identical(tmp_path, tokdir):
 
 
 def test_checkpoint_loads_in_transformers(tmp_path, tokdir):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     sft.train(cfg_of(**base_args(tmp_path, tokdir, max_steps=3)))
     ours = Transformer.from_pretrained(tmp_path / "out").eval()
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -244,3 +245,73 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tokdir, monkeypatch)
     assert all(torch.isfinite(p).all() for p in m.parameters())
     st = torch.load(tmp_path / "out" / "train_state.pt", weights_only=True)
     assert st["step"] == 2 and (tmp_path / "out" / "model.safetensors").read_bytes() == before
+
+
+def test_lr_schedule_pinned_points():
+    """Linear warmup to the peak, then a cosine from the peak down to lr * min_lr_frac at the last step."""
+    cfg = sft.SFTConfig(lr=1e-3, warmup_steps=4, min_lr_frac=0.1)
+    lrs = [sft.lr_at(s, cfg, 24) for s in range(25)]
+    assert lrs[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert lrs[14] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half way through the cosine
+    assert lrs[24] == pytest.approx(1e-4) and sft.lr_at(40, cfg, 24) == pytest.approx(1e-4)  # the floor, then flat
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_epoch_batches_cover_every_example_once_with_little_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 300) for _ in range(1000)]
+    a = sft.epoch_batches(lengths, 8, seed=1, epoch=0)
+    assert sorted(i for b in a for i in b) == list(range(1000)) and all(1 <= len(b) <= 8 for b in a)
+    assert a == sft.epoch_batches(lengths, 8, seed=1, epoch=0)  # what --resume recomputes
+    assert a != sft.epoch_batches(lengths, 8, seed=1, epoch=1) and a != sft.epoch_batches(lengths, 8, seed=2, epoch=0)
+    padding = lambda batches: sum(max(lengths[i] for i in b) - lengths[i] for b in batches for i in b)
+    order = list(range(1000))
+    rng.shuffle(order)
+    assert padding(a) < 0.1 * padding([order[k:k + 8] for k in range(0, 1000, 8)])  # length-bucketed
+
+
+def test_grad_accum_equals_one_larger_batch(tmp_path, tokdir, monkeypatch):
+    """Two micro-batches of 2 examples and one batch of 4 are the same optimizer step: the loss is the mean
+    over the step's loss tokens, not a mean of per-micro-batch means (the examples differ in length)."""
+    fixed = {2: [[0, 1], [2, 3], [4, 5], [6, 7]], 4: [[0, 1, 2, 3], [4, 5, 6, 7]]}
+    monkeypatch.setattr(sft, "epoch_batches", lambda lengths, bs, seed, epoch: fixed[bs])
+    pairs = [dict(p, completion=p["completion"] + " So" * i) for i, p in enumerate(PAIRS)]  # unequal lengths
+    data = write_jsonl(tmp_path / "uneven.jsonl", pairs)
+    for name, bs, accum in (("a", 2, 2), ("b", 4, 1), ("c", 2, 1)):
+        sft.train(cfg_of(**base_args(tmp_path, tokdir, out=name, data=data, batch_size=bs, grad_accum=accum,
+                                     max_steps=2, log_every=1)))
+    wa, wb, wc = (Transformer.from_pretrained(tmp_path / n).state_dict() for n in "abc")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert not all(torch.allclose(wa[k], wc[k], atol=1e-6) for k in wa)  # (steps on other data do differ)
+    la, lb = ([json.loads(l)["loss"] for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in "ab")
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_eval_loss_equals_cross_entropy_on_completion_tokens(tokdir):
+    tok = Tokenizer.load(tokdir)
+    torch.manual_seed(0)
+    model = Transformer(sft.ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    examples = [sft.encode_example(tok, p, "x") for p in PAIRS[:5]]
+    cfg = sft.SFTConfig(batch_size=2)
+    got = sft.eval_loss(model, examples, cfg, tok.pad_id, "cpu", torch.autocast("cpu", enabled=False))
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in examples:
+            logits = model(torch.tensor([ids]))[0, :-1]  # position t predicts token t + 1
+            keep = torch.tensor(mask[1:]).bool()
+            total += float(torch.nn.functional.cross_entropy(logits[keep], torch.tensor(ids[1:])[keep], reduction="sum"))
+            n += int(keep.sum())
+    assert got == pytest.approx(total / n, rel=1e-5)
+    assert n == sum(len(tok.encode(p["completion"])) + 1 for p in PAIRS[:5])  # the completion and its EOS
+
+
+def test_messages_lines_and_examples_without_loss_tokens(tmp_path, tokdir):
+    tok = Tokenizer.load(tokdir)
+    msgs = [{"role": "user", "content": "what is 3 plus 4?"}, {"role": "assistant", "content": "7"}]
+    ids, mask = sft.encode_example(tok, {"messages": msgs}, "x")
+    assert (ids, mask) == tuple(tok.render_messages(msgs))
+    assert 0 < sum(mask) < len(ids) and tok.decode([i for i, m in zip(ids, mask) if m]).startswith("7")
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Tom has " * 50, "completion": "7"}])
+    with pytest.raises(sft.DataError, match=re.escape(f"{long}:1: no loss tokens within max_len=16")):
+        sft.load_examples(str(long), tok, 16)
