@@ -290,13 +290,13 @@ def test_clipped_losses_equal_a_plain_loop_on_random_tokens():
         lp_new.grad = v_new.grad = None
         loss, stats = policy_loss(lp_new, lp_old, adv, mask, clip=clip, n_tokens=n_tokens)
         loss.backward()
-        assert float(loss) == pytest.approx(p_loss, rel=1e-5)
+        assert loss.item() == pytest.approx(p_loss, rel=1e-5)
         assert torch.allclose(lp_new.grad, p_grad, atol=1e-6)
         assert float(stats["clipfrac"]) == pytest.approx(p_clipped / len(toks))
         assert float(stats["approx_kl"]) == pytest.approx(sum(k3) / len(toks), rel=1e-5)
         loss, stats = value_loss(v_new, v_old, ret, mask, clip=clip, n_tokens=n_tokens)
         loss.backward()
-        assert float(loss) == pytest.approx(v_loss, rel=1e-5)
+        assert loss.item() == pytest.approx(v_loss, rel=1e-5)
         assert torch.allclose(v_new.grad, v_grad, atol=1e-6)
         assert float(stats["clipfrac"]) == pytest.approx(v_clipped / len(toks))
 
