@@ -637,8 +637,8 @@ def setup(cfg: PPOConfig):
     if dist.is_initialized():
         dist.barrier()
     check_out_dir(out, cfg.resume, cfg.overwrite)
-    for flag, d in (("--init", cfg.init), ("--value-init", cfg.value_init)):
-        if (d or flag == "--init") and not (Path(d) / "config.json").exists():
+    for flag, d in [("--init", cfg.init)] + ([("--value-init", cfg.value_init)] if cfg.value_init else []):
+        if not (Path(d) / "config.json").exists():
             raise PPOError(f"{flag} {d}: not a checkpoint directory (no config.json)")
     head_from = str(out) if cfg.resume else cfg.value_init
     if head_from and cfg.advantage == "gae" and not (Path(head_from) / "value_head.safetensors").exists():
