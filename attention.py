@@ -22,7 +22,7 @@ lse = m + log(l). We work in base 2 (exp2 is one instruction; the scale absorbs 
 
 Only key tiles that straddle a boundary (the causal diagonal, the first real key, the end of the keys)
 need the visibility mask; `_key_ranges` finds the fully visible run of tiles in between, which skip it.
-The forward comes in four variants, picked by the 5th field of its tiles (bits SPLIT = 1, TMA = 2). SPLIT:
+The forward's variants are picked by the 5th field of its tiles (bits SPLIT = 1, TMA = 2, ...). SPLIT:
 one loop over every tile with a branch on the tile index (0), or a branch-free loop over the fully
 visible tiles followed by a loop over the few edge tiles (1), whose main loop has no branch, no load
 bounds and no mask. TMA: K/V tiles loaded by the program's own warps through cp.async (0), or fetched
@@ -33,6 +33,15 @@ built for sm_90 with Triton 3.9.) A third bit, LONGEST_FIRST = 4, only orders th
 mask the query tiles of a head run last to first, so the tiles that see the most keys start first and the
 last programs of the grid are short ones (less time with most SMs idle at the end); the numbers are the same.
 The dQ kernel, whose query tiles have the same causal imbalance, takes the same bit as an optional 5th field.
+A fourth bit, AHEAD = 8 (a form of SPLIT: 8 + v builds what 9 + v does), reorders the split loops' main loop
+so each tile's scores q k^T are computed one iteration before its softmax (`_fwd_full_tiles_ahead`). A
+Hopper product (wgmma) is asynchronous: in the plain loop the warps wait for q k^T, then do the softmax while
+the tensor cores sit idle, then issue p v. With the scores a tile ahead, the compiler is free to overlap a
+product with the softmax (FlashAttention-3's intra-warpgroup overlap); what Triton 3.6 makes of it, read off
+the sm_90 build: at D64, the p v of one tile runs during the next tile's softmax; at D128 with 64-row tiles on
+4 warps, q k^T of the next tile is issued amid this tile's exponentials; at D128 with 8 warps, ptxas runs out
+of registers and waits after every wgmma instruction (`--build-report`, column "HGMMA per wait" = 1), which
+is slower, not faster. The price is a second score tile in registers, so fewer programs fit on an SM.
 
 The backward recomputes the probabilities from the saved lse (p = exp2(s - lse)) instead of storing
 them, and uses delta = rowsum(dO * O) (so dS = P * (dP - delta), the softmax Jacobian). Two kernels:
@@ -87,10 +96,11 @@ jit = triton.jit if triton is not None else (lambda fn: fn)
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 
 # Tile sizes per (kernel, head_dim): (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages), and for the
-# forward a 5th field, its variant: SPLIT + 2 * TMA + 4 * LONGEST_FIRST (see the module docstring); head dims below 64 use the 64
-# row. The fastest of bench_attention.TUNE_CANDIDATES in its sweep on one H100 (B8 H32 T2048 causal bf16,
-# Triton 3.6, when only variant 0 existed; docs/PERFORMANCE.md); bench_attention.py sweeps again and overwrites
-# these for its own run.
+# forward a 5th field, its variant: SPLIT + 2 * TMA + 4 * LONGEST_FIRST + 8 * AHEAD (see the module docstring),
+# and an optional 6th, a cap on registers per thread (ptxas's maxnreg: 128 fits two 8-warp programs on an SM,
+# 65,536 registers, at the price of some spilling); head dims below 64 use the 64 row. The fastest of
+# bench_attention.TUNE_CANDIDATES in its sweep on one H100 (B8 H32 T2048 causal bf16, Triton 3.6, when only
+# variant 0 existed; docs/PERFORMANCE.md); bench_attention.py sweeps again and overwrites these for its own run.
 TILES = {
     ("fwd", 64): (128, 64, 8, 3, 0), ("fwd", 128): (128, 64, 8, 3, 0),
     ("dkdv", 64): (64, 64, 4, 3), ("dkdv", 128): (64, 128, 8, 2),
@@ -151,28 +161,26 @@ def _key_ranges(first, end, slot0, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, 
 
 
 @jit
-def _fwd_tile(q, k_base, v_base, b, kvh, n0, offs_d, slot, first, end, sks, svs, qk_scale, m_i, l_i, acc, edge,
-              CHECK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
-    """Fold the key tile starting at n0 into the online softmax (m_i, l_i, acc). CHECK=False: the caller
-    knows every key of the tile is real and visible to every row, so no load bound and no mask. CHECK=True:
-    loads stop at `end`, and the visibility mask is applied where `edge` (a tile on the diagonal or the
-    padding edge). TMA: k_base / v_base are tensor descriptors of K / V (B, K, S, D) and the tile is one
-    bulk copy; keys past S read as 0 and keys in [end, S) are masked like any other edge."""
+def _load_tile(base, b, kvh, n0, offs_d, stride, end, CHECK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+               TMA: tl.constexpr):
+    """The (BLOCK_N, D) K or V tile of keys n0 .. n0 + BLOCK_N - 1. TMA: base is a tensor descriptor of K or V
+    (B, K, S, D) and the tile is one bulk copy (keys past S read as 0). Otherwise base points at this (batch,
+    kv head); CHECK: keys at or past `end` read as 0 (the caller masks them), else no bound at all.
+    (Tile pointers are built here from the scalar base: a pointer block kept across the loop costs registers.)"""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    # (Tile pointers are built here from the scalar base: a pointer block kept across the loop costs registers.)
     if TMA:
-        k = k_base.load([b.to(tl.int32), kvh, n0, 0]).reshape(BLOCK_N, D)  # descriptor coordinates are int32
-        v = v_base.load([b.to(tl.int32), kvh, n0, 0]).reshape(BLOCK_N, D)
+        x = base.load([b.to(tl.int32), kvh, n0, 0]).reshape(BLOCK_N, D)  # descriptor coordinates are int32
     elif CHECK:
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=(offs_n < end)[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=(offs_n < end)[:, None], other=0.0)
+        x = tl.load(base + offs_n[:, None] * stride + offs_d[None, :], mask=(offs_n < end)[:, None], other=0.0)
     else:
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :])
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :])
-    s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) raw scores q.k; times qk_scale they are in log2 units
-    if CHECK:
-        if edge:
-            s = tl.where(_visible(slot[:, None], offs_n[None, :], first, end, CAUSAL), s, float("-inf"))
+        x = tl.load(base + offs_n[:, None] * stride + offs_d[None, :])
+    return x
+
+
+@jit
+def _online_softmax(s, v, qk_scale, m_i, l_i, acc):
+    """Fold one key tile, given its raw scores s = q k^T (BLOCK_M, BLOCK_N; -inf where masked) and its values v,
+    into the online softmax (m_i, l_i, acc)."""
     # The scale goes on the row max (qk_scale > 0 keeps the argmax) and into one multiply-add per score below,
     # rather than a separate multiply of every score first: the softmax arithmetic is what bounds this loop.
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
@@ -185,9 +193,47 @@ def _fwd_tile(q, k_base, v_base, b, kvh, n0, offs_d, slot, first, end, sks, svs,
 
 
 @jit
+def _fwd_tile(q, k_base, v_base, b, kvh, n0, offs_d, slot, first, end, sks, svs, qk_scale, m_i, l_i, acc, edge,
+              CHECK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
+    """Fold the key tile starting at n0 into the online softmax (m_i, l_i, acc). CHECK=False: the caller
+    knows every key of the tile is real and visible to every row, so no load bound and no mask. CHECK=True:
+    loads stop at `end`, and the visibility mask is applied where `edge` (a tile on the diagonal or the
+    padding edge); with TMA, keys in [end, S) are masked like any other edge."""
+    k = _load_tile(k_base, b, kvh, n0, offs_d, sks, end, CHECK, BLOCK_N, D, TMA)
+    v = _load_tile(v_base, b, kvh, n0, offs_d, svs, end, CHECK, BLOCK_N, D, TMA)
+    s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) raw scores q.k; times qk_scale they are in log2 units
+    if CHECK:
+        if edge:
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            s = tl.where(_visible(slot[:, None], offs_n[None, :], first, end, CAUSAL), s, float("-inf"))
+    return _online_softmax(s, v, qk_scale, m_i, l_i, acc)
+
+
+@jit
+def _fwd_full_tiles_ahead(q, k_base, v_base, b, kvh, full_lo, full_hi, offs_d, sks, svs, qk_scale, m_i, l_i, acc,
+                          BLOCK_N: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
+    """The fully visible tiles [full_lo, full_hi) (at least one), the scores of each tile computed one
+    iteration before its softmax (FlashAttention-3, section 3.2, intra-warpgroup overlapping). No product
+    then waits on the softmax just before it, so the tensor cores can work through a softmax instead of
+    idling (which product overlaps which is the compiler's schedule: see the module docstring). The price is
+    a second score tile in registers (BLOCK_M x BLOCK_N fp32)."""
+    k = _load_tile(k_base, b, kvh, full_lo, offs_d, sks, 0, False, BLOCK_N, D, TMA)
+    s = tl.dot(q, tl.trans(k))
+    for n0 in range(full_lo, full_hi - BLOCK_N, BLOCK_N):
+        k_next = _load_tile(k_base, b, kvh, n0 + BLOCK_N, offs_d, sks, 0, False, BLOCK_N, D, TMA)
+        s_next = tl.dot(q, tl.trans(k_next))  # the next tile's scores: only carried to the next iteration
+        v = _load_tile(v_base, b, kvh, n0, offs_d, svs, 0, False, BLOCK_N, D, TMA)
+        m_i, l_i, acc = _online_softmax(s, v, qk_scale, m_i, l_i, acc)
+        s = s_next
+    v = _load_tile(v_base, b, kvh, full_hi - BLOCK_N, offs_d, svs, 0, False, BLOCK_N, D, TMA)
+    return _online_softmax(s, v, qk_scale, m_i, l_i, acc)
+
+
+@jit
 def _fwd_kernel(Q, K, V, O, LSE, FIRST, END, sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot,
                 H, G, T, S, qk_scale, D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr, LONGEST_FIRST: tl.constexpr,
+                AHEAD: tl.constexpr):
     # TMA: K and V arrive as tensor descriptors (B, K, S, D) with (1, 1, BLOCK_N, D) blocks, not pointers.
     pid_m = tl.program_id(0)
     if LONGEST_FIRST:  # causal: the last query tile of a head sees the most keys; start it first, so the short
@@ -212,9 +258,14 @@ def _fwd_kernel(Q, K, V, O, LSE, FIRST, END, sqb, sqh, sqt, skb, skh, sks, svb, 
     acc = tl.zeros((BLOCK_M, D), tl.float32)  # running sum of exp2(score - m_i) * v
     lo, hi, full_lo, full_hi = _key_ranges(first, end, start + m0, CAUSAL, BLOCK_M, BLOCK_N)
     if SPLIT:
-        for n0 in range(full_lo, full_hi, BLOCK_N):  # the fully visible tiles: no bounds, no mask, no branch
-            m_i, l_i, acc = _fwd_tile(q, k_base, v_base, b, kvh, n0, offs_d, slot, first, end, sks, svs, qk_scale,
-                                      m_i, l_i, acc, False, False, CAUSAL, BLOCK_N, D, TMA)
+        if AHEAD:  # the same tiles, each tile's scores computed one iteration ahead of its softmax
+            if full_hi > full_lo:
+                m_i, l_i, acc = _fwd_full_tiles_ahead(q, k_base, v_base, b, kvh, full_lo, full_hi, offs_d, sks, svs,
+                                                      qk_scale, m_i, l_i, acc, BLOCK_N, D, TMA)
+        else:
+            for n0 in range(full_lo, full_hi, BLOCK_N):  # the fully visible tiles: no bounds, no mask, no branch
+                m_i, l_i, acc = _fwd_tile(q, k_base, v_base, b, kvh, n0, offs_d, slot, first, end, sks, svs,
+                                          qk_scale, m_i, l_i, acc, False, False, CAUSAL, BLOCK_N, D, TMA)
         # The edge tiles: at most one left of the run ([lo, full_lo), the padding edge) and the ones right of
         # it ([full_hi, hi), the diagonal or the end of the keys). The softmax does not care about the order.
         n_left = tl.cdiv(tl.maximum(tl.minimum(full_lo, hi) - lo, 0), BLOCK_N)
@@ -381,7 +432,8 @@ def _flash_forward(q, k, v, first, end, causal, tiles=None):
     K, S = k.shape[1], k.shape[2]
     cfg = _tiles("fwd", D, q, tiles)
     BM, BN, warps, stages = cfg[:4]
-    variant = cfg[4] if len(cfg) > 4 else 0  # the forward's 5th field: bits SPLIT, TMA, LONGEST_FIRST (see TILES)
+    variant = cfg[4] if len(cfg) > 4 else 0  # the forward's 5th field: bits SPLIT, TMA, LONGEST_FIRST, AHEAD
+    regs = cfg[5] if len(cfg) > 5 else 0  # its 6th: a cap on registers per thread (0: the compiler's choice)
     kk, vv = k, v
     if variant & 2 and (TensorDescriptor is None or not all(_tma_aligned(t) for t in (k, v))):
         variant &= ~2  # the copy engine needs descriptors and 16-byte aligned bases and strides; the warps' loads do not
@@ -394,8 +446,8 @@ def _flash_forward(q, k, v, first, end, causal, tiles=None):
     _fwd_kernel[((T + BM - 1) // BM, B * H)](
         q, kk, vv, o, lse, first, end, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, H // K, T, S, LOG2E / math.sqrt(D), D=D, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
-        SPLIT=bool(variant & 1), TMA=bool(variant & 2), LONGEST_FIRST=bool(variant & 4) and causal,
-        num_warps=warps, num_stages=stages)
+        SPLIT=bool(variant & 9), TMA=bool(variant & 2), LONGEST_FIRST=bool(variant & 4) and causal,
+        AHEAD=bool(variant & 8), num_warps=warps, num_stages=stages, **({"maxnreg": regs} if regs else {}))
     return o, lse
 
 

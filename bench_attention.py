@@ -52,17 +52,24 @@ SMALL = BenchConfig(batch=1, heads=4, gqa_kv_heads=2, seqs=(32,), head_dims=(16,
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant]) tried per kernel: every value of {64, 128} x {4, 8} x
 # {2, 3, 4} appears, without the full product (each candidate costs a compile of a few seconds); the forward's
-# candidates come in its four variants, and the best-known tiles with its tiles in longest-first order (bit 4); the
-# dQ kernel's best-known tiles also in longest-first order (a 5th field of 4).
+# candidates come in its loop structures and load paths (variants 0-3), with the scores a tile ahead (9: 128-row
+# tiles on 8 warps, and 64-row tiles on 4 warps, which keep the HGMMA groups at D128 where 8 warps serialise
+# them, see the build report), and the best-known tiles in longest-first order (bit 4); the dQ kernel's
+# best-known tiles also in longest-first order (a 5th field of 4). A 6th field of 128 caps the registers so that
+# two 8-warp programs fit on an SM (AHEAD needs 172 at D64; capped, ptxas spills 24 bytes).
 TUNE_CANDIDATES = {
     "fwd": [(128, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 3, 0), (64, 64, 4, 4, 0), (128, 64, 4, 2, 0),
             (128, 64, 4, 3, 1), (128, 64, 8, 3, 1), (128, 128, 8, 3, 1), (64, 64, 4, 4, 1), (128, 64, 8, 4, 1),
             (128, 64, 8, 3, 2), (128, 128, 8, 3, 2), (128, 64, 8, 3, 3), (128, 128, 8, 3, 3), (128, 64, 8, 4, 3),
-            (128, 64, 8, 3, 4), (128, 64, 8, 3, 5), (128, 64, 8, 3, 6), (128, 64, 8, 3, 7)],
+            (128, 64, 8, 3, 4), (128, 64, 8, 3, 5), (128, 64, 8, 3, 6), (128, 64, 8, 3, 7),
+            (128, 64, 8, 3, 9), (128, 64, 8, 4, 9), (64, 64, 4, 3, 9), (64, 64, 4, 2, 9), (64, 64, 4, 4, 9),
+            (128, 64, 8, 3, 13), (64, 64, 4, 3, 13), (128, 64, 8, 3, 9, 128), (128, 64, 8, 3, 13, 128)],
     "dkdv": [(64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
     "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2, 4), (128, 128, 8, 2, 4)],
 }
-SMALL_CANDIDATES = {"fwd": [A.INTERPRET_TILES + (v,) for v in range(8)], "dkdv": [A.INTERPRET_TILES],
+# The distinct forward variants: AHEAD (8) is a form of the split loops, so 8 + v builds what 9 + v does.
+FWD_VARIANTS = [v for v in range(16) if not v & 8 or v & 1]
+SMALL_CANDIDATES = {"fwd": [A.INTERPRET_TILES + (v,) for v in FWD_VARIANTS], "dkdv": [A.INTERPRET_TILES],
                     "dq": [A.INTERPRET_TILES, A.INTERPRET_TILES + (4,)]}
 
 
@@ -197,7 +204,7 @@ def benchmark(cfg: BenchConfig = BenchConfig()) -> int:
                    check(4, 6, 2, 300, 300, 32, True, torch.bfloat16, left=[0, 50, 0, 299])]  # model.py's "embedded"
         fixed = {name: A.TILES[(name, 64)] for name in ("fwd", "dkdv", "dq")}
         variant_case = (2, 8, 2, 777, 777, 64, True, torch.bfloat16, [0, 100], [30, 0])
-    for variant in range(8):  # every forward variant the sweep may pick, on a padded GQA case
+    for variant in FWD_VARIANTS:  # every forward variant the sweep may pick, on a padded GQA case
         tiles = fixed | {"fwd": fixed["fwd"][:4] + (variant,)}
         results.append(check(*variant_case[:8], left=variant_case[8], right=variant_case[9], tiles=tiles))
     if torch.cuda.is_available():
@@ -283,14 +290,16 @@ def build_report(arch: int = 90, head_dims=(64, 128)) -> list[dict]:
     rows = []
     jobs = [(kind, D, A.TILES[(kind, max(D, 64))]) for D in head_dims for kind in kernels]
     jobs += [("fwd", D, A.TILES[("fwd", D)][:4] + (v | A.TILES[("fwd", D)][4] & 4,)) for D in head_dims
-             for v in range(4) if v != A.TILES[("fwd", D)][4] & 3]  # the other loop structures and load paths
+             for v in (0, 1, 2, 3, 9, 11) if v != A.TILES[("fwd", D)][4] & 11]  # the other loop structures, load paths
+    jobs += [("fwd", 64, A.TILES[("fwd", 64)][:4] + (9 | A.TILES[("fwd", 64)][4] & 4, 128))]  # AHEAD, 128 registers
     for kind, D, tiles in jobs:
         fn = kernels[kind]
         BM, BN, warps, stages = tiles[:4]
         consts = dict(D=D, CAUSAL=True, BLOCK_M=BM, BLOCK_N=BN)
         arg_types = dict(types)
         if kind == "fwd":
-            consts.update(SPLIT=bool(tiles[4] & 1), TMA=bool(tiles[4] & 2), LONGEST_FIRST=bool(tiles[4] & 4))
+            consts.update(SPLIT=bool(tiles[4] & 9), TMA=bool(tiles[4] & 2), LONGEST_FIRST=bool(tiles[4] & 4),
+                          AHEAD=bool(tiles[4] & 8))
             if consts["TMA"]:  # K and V as tensor descriptors with the tile's block shape
                 arg_types.update(K=f"tensordesc<bf16[1,1,{BN},{D}]>", V=f"tensordesc<bf16[1,1,{BN},{D}]>")
         if kind == "dq":
@@ -303,18 +312,25 @@ def build_report(arch: int = 90, head_dims=(64, 128)) -> list[dict]:
                  if a not in consts and a not in ("G", "qk_scale", "sm_scale") and "tensordesc" not in signature[a]}
         t = time.time()
         k = A.triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": warps, "num_stages": stages})
+                           options={"num_warps": warps, "num_stages": stages,
+                                    **({"maxnreg": tiles[5]} if len(tiles) > 5 else {})})
         secs = time.time() - t
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(k.asm["cubin"])
             f.flush()
             usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
                                    text=True, check=True).stdout
+            sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
         reg, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
         # loads pipelined through shared memory: cp.async by the warps, or bulk tensor copies (TMA)
         async_copies = len(re.findall(r"cp\.async\.(?:c[ag]|bulk\.tensor)\.", k.asm["ptx"]))
+        # Hopper's matrix products (HGMMA) are asynchronous: a product of K = 64 is 4 instructions issued as one
+        # group, then waited for. When registers run short, ptxas waits after every instruction instead
+        # ("serialized"), and this ratio drops to 1.
+        hgmma = re.findall(r"HGMMA\.[^;]*;", sass)
+        per_group = len(hgmma) / max(1, sum("gsb0" in h for h in hgmma))
         rows.append(dict(kernel=kind, D=D, tiles=tiles, registers=reg, stack_bytes=stack, async_copies=async_copies,
-                         shared_bytes=k.metadata.shared, compile_s=secs))
+                         shared_bytes=k.metadata.shared, hgmma_per_group=per_group, compile_s=secs))
     return rows
 
 
@@ -333,12 +349,12 @@ def main(argv=None):
         return 2
     if args.build_report:
         print(f"triton {A.triton.__version__}, sm_90, causal bf16, tiles from attention.TILES")
-        print("| kernel | D | tiles (BLOCK_M, BLOCK_N, warps, stages[, variant]) | registers | stack (spill) bytes "
-              "| async copies | shared KB |")
-        print("|---|---|---|---|---|---|---|")
+        print("| kernel | D | tiles (BLOCK_M, BLOCK_N, warps, stages[, variant[, max registers]]) | registers | stack (spill) bytes "
+              "| async copies | shared KB | HGMMA per wait |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in build_report():
             print(f"| {r['kernel']} | {r['D']} | {r['tiles']} | {r['registers']} | {r['stack_bytes']} "
-                  f"| {r['async_copies']} | {r['shared_bytes'] / 1024:.0f} |")
+                  f"| {r['async_copies']} | {r['shared_bytes'] / 1024:.0f} | {r['hgmma_per_group']:.1f} |")
         return 0
     if args.small:
         if not torch.cuda.is_available() and not A.kernel_runs_on(torch.zeros(1)):
