@@ -6,7 +6,8 @@ The GPU check and benchmark of attention.py's Triton flash attention, and its bu
     TRITON_INTERPRET=1 python bench_attention.py --small   # CPU dry run of the whole script (tiny shapes; tests)
 
 On a GPU it (1) sweeps TUNE_CANDIDATES for each kernel and head dim at the largest timed shape and keeps
-the fastest in attention.TILES (for this process; copy them into attention.py to keep them), (2) checks
+the fastest in attention.TILES (for this process; copy them into attention.py to keep them), timing only
+the candidates whose results agree with SDPA's within bf16 tolerance, (2) checks
 the kernels against the fp32 reference on fresh random inputs (causal and not, GQA, left and right
 padding, T < S, T = 1, every forward variant, as the model calls it under autocast), with every output
 NaN-filled before the run so an unwritten element cannot pass, and (3) times forward and
@@ -18,8 +19,9 @@ calls each made from an idle GPU, which adds the host's launch latency per call.
 
 The build report compiles the kernels for Hopper (sm_90) on a machine with no GPU, with Triton's own
 compiler and the ptxas / cuobjdump it ships, and reads registers, spills, pipelined loads and shared
-memory off the binaries: whether an edited kernel still builds, spills or loses its pipelining, before
-GPU time is spent. The test suite runs it.
+memory off the binaries, and whether Hopper's asynchronous products stay grouped (HGMMA per wait): whether
+an edited kernel still builds, spills, loses its pipelining or serialises its products, before GPU time
+is spent. The test suite runs it.
 """
 
 import argparse
@@ -117,13 +119,19 @@ def _inputs(B, H, K, T, S, D, dtype, seed=0):
 
 
 def tune(cfg: BenchConfig):
-    """Time each candidate tile config of each kernel on the largest causal shape; keep the fastest in TILES."""
+    """Time each candidate tile config of each kernel on the largest causal shape; keep the fastest in TILES.
+    A candidate must first give SDPA's output (forward) or gradients (backward kernels) within bf16
+    tolerance, so that a variant that miscompiles at some tile size can never be the one chosen and timed."""
     B, H, T = cfg.batch, cfg.heads, max(cfg.seqs)
     for D in cfg.head_dims:
         q, k, v = _inputs(B, H, H, T, T, D, torch.bfloat16)
         first, end = A.no_padding(B, T, _device())
         o, lse = A._flash_forward(q, k, v, first, end, True)
         do = torch.randn_like(o)
+        with torch.enable_grad():
+            want_o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            grads = torch.autograd.grad(want_o, (q, k, v), do)
+        want = {"fwd": (want_o.detach(),), "dkdv": grads, "dq": grads}
         for kind, cands in (SMALL_CANDIDATES if cfg.small else TUNE_CANDIDATES).items():
             def run(c):  # time one kernel's candidate; the other kernels keep their current tiles
                 tiles = {name: A.TILES.get((name, D), A.INTERPRET_TILES) for name in ("fwd", "dkdv", "dq")} | {kind: c}
@@ -133,6 +141,12 @@ def tune(cfg: BenchConfig):
             timed = []
             for c in cands:
                 try:
+                    mine = slice(1, 3) if kind == "dkdv" else slice(0, 1)  # this kernel's outputs: dk, dv; o; dq
+                    err = max(((g.float() - r.float()).norm() / r.float().norm()).item()
+                              for g, r in zip(run(c)[mine], want[kind][mine]))
+                    if not err < 2e-2:  # bf16 results differ from SDPA's by ~3e-3
+                        print(f"  {kind} D={D} {c}: skipped (relative error {err:.1e} against SDPA)")
+                        continue
                     timed.append((kernel_ms(lambda: run(c), 5), c))
                 except Exception as e:  # e.g. out of shared memory for this tile size
                     print(f"  {kind} D={D} {c}: skipped ({type(e).__name__})")

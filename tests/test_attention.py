@@ -315,6 +315,26 @@ def test_the_gpu_check_fails_a_wrong_kernel(monkeypatch):
     assert not ok and msg.endswith("FAIL"), msg
 
 
+def test_the_sweep_never_chooses_a_wrong_candidate(monkeypatch, capsys):
+    # The sweep compares each candidate with SDPA before timing it: here every forward variant with split
+    # loops (bit 1) is made 5% off, so however fast, none of them may be timed or chosen.
+    import bench_attention
+    monkeypatch.setattr(attention, "TILES", dict(attention.TILES))
+    real = attention._flash_forward
+
+    def off_when_split(q, k, v, first, end, causal, tiles=None):
+        o, lse = real(q, k, v, first, end, causal, tiles)
+        return (o * 1.05, lse) if tiles is not None and tiles["fwd"][4] & 1 else (o, lse)
+
+    monkeypatch.setattr(attention, "_flash_forward", off_when_split)
+    bench_attention.tune(bench_attention.SMALL)
+    out = capsys.readouterr().out
+    skipped = [line for line in out.splitlines() if "skipped (relative error" in line]
+    assert len(skipped) == sum(v & 1 for v in bench_attention.FWD_VARIANTS) == 8, out
+    chosen = attention.TILES[("fwd", 16)]
+    assert not chosen[4] & 1 and f"-> chosen {chosen}" in out, out
+
+
 def test_the_gpu_check_without_a_gpu_says_so_in_one_line(capsys):
     import bench_attention
     assert bench_attention.main([]) == 2
