@@ -2,7 +2,8 @@
 Performance of our model against HF transformers, measured in the same run on the same device, with
 random weights (nothing downloaded).
 
-    python bench.py                    # CPU: embedded config, training and sampling tok/s against HF
+    python bench.py                    # CPU: embedded config, training and sampling tok/s against HF, and
+                                       # the host's cost of an eager decode step (16 layers at width 64)
     python bench.py --device cuda      # GPU: the four sections below at the llama-1b shape (about 6 minutes)
     python bench.py --small            # the four sections with tiny shapes: seconds on a CPU (run by the tests)
     python bench.py --device cuda --sections 2,3 --out bench.json    # some sections, in that order; tables to a file
@@ -151,6 +152,13 @@ def cpu_comparison(cfg: BenchConfig, device):
     rows.append((f"train fwd+bwd+AdamW tok/s (B{cfg.batch} T{cfg.seq})", tr["ours"], tr["hf"]))
     sa = bench_sampling(ours, hf, cfg, device)
     rows.append((f"sampling tok/s (B{cfg.sample_batch}, prompt {cfg.prompt}, {cfg.new_tokens} new)", sa["ours"], sa["hf"]))
+    # The host's cost of an eager decode step: llama-1b's 16 layers, its rope and its 4 query heads per kv
+    # head, at widths where the arithmetic is negligible, so the time is Python and operator dispatch. A GPU
+    # decoding eagerly waits on exactly this (it runs each small kernel faster than the host issues the next).
+    deep = Transformer(ModelConfig(**dict(CONFIGS["llama-1b"], hidden_size=64, intermediate_size=128, vocab_size=512,
+                                          num_attention_heads=8, num_key_value_heads=2))).to(device)
+    sa = bench_sampling(deep, hf_twin(deep), replace(cfg, sample_batch=4, prompt=16), device)
+    rows.append(("same, llama-1b's depth at width 64, B4 (host cost)", sa["ours"], sa["hf"]))
     print(f"| {'figure':<55} | {'ours':>12} | {'HF transformers':>15} | {'ratio':>6} |")
     print(f"|{'-' * 57}|{'-' * 14}|{'-' * 17}|{'-' * 8}|")
     for name, a, b in rows:

@@ -295,6 +295,16 @@ def test_chunked_losses_under_bf16_autocast():
 # bench.py --small: every section, tables with finite ratios
 
 
+def test_the_cpu_comparison_measures_both_sides_of_each_row(capsys):
+    # `python bench.py` on a CPU (the CPU table of docs/PERFORMANCE.md), at sizes that take seconds.
+    import bench
+    rows = bench.cpu_comparison(bench.BenchConfig(batch=2, seq=16, sample_batch=2, prompt=4, new_tokens=3, repeats=1),
+                                "cpu")
+    assert [name.split(" ")[0] for name, *_ in rows] == ["train", "sampling", "same,"], rows
+    assert all(math.isfinite(x) and x > 0 for _, a, b in rows for x in (a, b)), rows
+    assert capsys.readouterr().out.count("x |") == 3
+
+
 def test_bench_small_runs_every_section(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # test_attention sets it
