@@ -58,14 +58,15 @@ SMALL = BenchConfig(batch=1, heads=4, gqa_kv_heads=2, seqs=(32,), head_dims=(16,
 # tiles on 8 warps, and 64-row tiles on 4 warps, which keep the HGMMA groups at D128 where 8 warps serialise
 # them, see the build report), and the best-known tiles in longest-first order (bit 4); the dQ kernel's
 # best-known tiles also in longest-first order (a 5th field of 4). A 6th field of 128 caps the registers so that
-# two 8-warp programs fit on an SM (AHEAD needs 172 at D64; capped, ptxas spills 24 bytes).
+# two 8-warp programs fit on an SM (AHEAD needs 172 at D64; capped, ptxas spills 24 bytes), or four 4-warp ones.
 TUNE_CANDIDATES = {
     "fwd": [(128, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 3, 0), (64, 64, 4, 4, 0), (128, 64, 4, 2, 0),
             (128, 64, 4, 3, 1), (128, 64, 8, 3, 1), (128, 128, 8, 3, 1), (64, 64, 4, 4, 1), (128, 64, 8, 4, 1),
             (128, 64, 8, 3, 2), (128, 128, 8, 3, 2), (128, 64, 8, 3, 3), (128, 128, 8, 3, 3), (128, 64, 8, 4, 3),
             (128, 64, 8, 3, 4), (128, 64, 8, 3, 5), (128, 64, 8, 3, 6), (128, 64, 8, 3, 7),
             (128, 64, 8, 3, 9), (128, 64, 8, 4, 9), (64, 64, 4, 3, 9), (64, 64, 4, 2, 9), (64, 64, 4, 4, 9),
-            (128, 64, 8, 3, 13), (64, 64, 4, 3, 13), (128, 64, 8, 3, 9, 128), (128, 64, 8, 3, 13, 128)],
+            (128, 64, 8, 3, 13), (64, 64, 4, 3, 13), (128, 64, 8, 3, 9, 128), (128, 64, 8, 3, 13, 128),
+            (64, 64, 4, 2, 9, 128)],
     "dkdv": [(64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
     "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2, 4), (128, 128, 8, 2, 4)],
 }
