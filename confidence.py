@@ -139,6 +139,7 @@ def _merge_fractions(text: str, spans: list[TextNumber]) -> list[TextNumber]:
 
 _COUNTER_BEFORE = re.compile(r"(?i)\bstep\s*#?\s*$")  # "Step 2", "step #3"
 _ENUMERATOR_AFTER = re.compile(r"[.)][ \t]+\S")  # "1. Compute", "2) Add"
+_BRACKETED_AFTER = re.compile(r"\)[ \t]+[A-Za-z]")  # "(3) Add", but not the quantity in "(8) + 2"
 _ORDINAL_AFTER = re.compile(r"(?i)(?:st|nd|rd|th)(?![a-z])")  # 1st, 2nd, 3rd, 4th
 
 
@@ -146,9 +147,10 @@ def is_counter(text: str, start: int, end: int) -> bool:
     """Is the number text[start:end] a counter (step number, list enumerator, ordinal), not a quantity?"""
     if not re.fullmatch(r"[0-9]+", text[start:end]):
         return False
-    line_start = text.rfind("\n", 0, start) + 1
+    before = text[text.rfind("\n", 0, start) + 1:start].strip(" \t")  # the line up to the number
     return bool(_COUNTER_BEFORE.search(text[max(0, start - 16):start])
-                or (text[line_start:start].strip(" \t") == "" and _ENUMERATOR_AFTER.match(text, end))
+                or (before == "" and _ENUMERATOR_AFTER.match(text, end))
+                or (before == "(" and _BRACKETED_AFTER.match(text, end))
                 or _ORDINAL_AFTER.match(text, end))
 
 

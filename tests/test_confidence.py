@@ -44,10 +44,11 @@ def test_number_spans_identifiers_and_fractions():
 
 
 def test_counters():
-    text = "Step 1: add. step #2 too\n1. Compute 5\n  2) then 7. On the 3rd day, 31.\n4.5 kg"
+    text = "Step 1: add. step #2 too\n1. Compute 5\n  2) then 7. On the 3rd day, 31.\n4.5 kg\n(3) Add 6\n(8) + 2"
     found = [(text[s:e], is_counter(text, s, e)) for s, e, _ in number_spans(text)]
     assert found == [("1", True), ("2", True), ("1", True), ("5", False), ("2", True), ("7", False),
-                     ("3", True), ("31", False), ("4.5", False)]
+                     ("3", True), ("31", False), ("4.5", False), ("3", True), ("6", False), ("8", False),
+                     ("2", False)]
 
 
 def test_question_values():
