@@ -57,7 +57,9 @@ SMALL = BenchConfig(batch=1, heads=4, gqa_kv_heads=2, seqs=(32,), head_dims=(16,
 # candidates come in its loop structures and load paths (variants 0-3), with the scores a tile ahead (9: 128-row
 # tiles on 8 warps, and 64-row tiles on 4 warps, which keep the HGMMA groups at D128 where 8 warps serialise
 # them, see the build report), and the best-known tiles in longest-first order (bit 4); the dQ kernel's
-# best-known tiles also in longest-first order (a 5th field of 4). A 6th field of 128 caps the registers so that
+# best-known tiles also in longest-first order (a 5th field of 4). The backward kernels' candidates include their
+# split loops (a 5th field with bit 1: branch-free loops over the tiles that need no mask, then the edges). A
+# 6th field of the forward's tiles of 128 caps the registers so that
 # two 8-warp programs fit on an SM (AHEAD needs 172 at D64; capped, ptxas spills 24 bytes), or four 4-warp ones.
 TUNE_CANDIDATES = {
     "fwd": [(128, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 3, 0), (64, 64, 4, 4, 0), (128, 64, 4, 2, 0),
@@ -67,13 +69,16 @@ TUNE_CANDIDATES = {
             (128, 64, 8, 3, 9), (128, 64, 8, 4, 9), (64, 64, 4, 3, 9), (64, 64, 4, 2, 9), (64, 64, 4, 4, 9),
             (128, 64, 8, 3, 13), (64, 64, 4, 3, 13), (128, 64, 8, 3, 9, 128), (128, 64, 8, 3, 13, 128),
             (64, 64, 4, 2, 9, 128)],
-    "dkdv": [(64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
-    "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2, 4), (128, 128, 8, 2, 4)],
+    "dkdv": [(64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2),
+             (64, 128, 8, 3, 1), (64, 128, 8, 2, 1), (64, 64, 4, 3, 1), (64, 64, 4, 2, 1)],
+    "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2, 4), (128, 128, 8, 2, 4),
+           (64, 64, 4, 2, 1), (64, 64, 4, 3, 1), (128, 64, 8, 2, 1), (128, 128, 8, 2, 1), (64, 64, 4, 2, 5)],
 }
 # The distinct forward variants: AHEAD (8) is a form of the split loops, so 8 + v builds what 9 + v does.
 FWD_VARIANTS = [v for v in range(16) if not v & 8 or v & 1]
-SMALL_CANDIDATES = {"fwd": [A.INTERPRET_TILES + (v,) for v in FWD_VARIANTS], "dkdv": [A.INTERPRET_TILES],
-                    "dq": [A.INTERPRET_TILES, A.INTERPRET_TILES + (4,)]}
+SMALL_CANDIDATES = {"fwd": [A.INTERPRET_TILES + (v,) for v in FWD_VARIANTS],
+                    "dkdv": [A.INTERPRET_TILES, A.INTERPRET_TILES + (1,)],
+                    "dq": [A.INTERPRET_TILES + (v,) for v in (0, 1, 4, 5)]}
 
 
 def kernel_ms(fn, reps, sync_each=False):
@@ -188,7 +193,10 @@ def check(B, H, K, T, S, D, causal, dtype, left=None, right=None, tiles=None):
     finite = all(torch.isfinite(t).all().item() for t in (out, *grads))
     pad_zero = (out * ~real).abs().max().item() == 0 and (grads[0] * ~real).abs().max().item() == 0
     ok = finite and pad_zero and errs[0] < 1e-2 and max(errs[1:]) < 2e-2
-    variant = f" forward variant {tiles['fwd'][4]}" if isinstance(tiles, dict) else ""
+    variant = ""
+    if isinstance(tiles, dict):  # the variants (5th fields) of the three kernels
+        v = {name: t[4] if len(t) > 4 else 0 for name, t in tiles.items()}
+        variant = f" forward variant {v['fwd']}, dK/dV {v['dkdv']}, dQ {v['dq']}"
     msg = (f"B{B} H{H} K{K} T{T} S{S} D{D} {'causal' if causal else 'full'} {str(dtype)[6:]} left={left} "
            f"right={right}{variant}: rel err out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} dv {errs[3]:.1e}, "
            f"all written {finite}, pad rows 0 {pad_zero} -> {'PASS' if ok else 'FAIL'}")
@@ -221,6 +229,9 @@ def benchmark(cfg: BenchConfig = BenchConfig()) -> int:
         variant_case = (2, 8, 2, 777, 777, 64, True, torch.bfloat16, [0, 100], [30, 0])
     for variant in FWD_VARIANTS:  # every forward variant the sweep may pick, on a padded GQA case
         tiles = fixed | {"fwd": fixed["fwd"][:4] + (variant,)}
+        results.append(check(*variant_case[:8], left=variant_case[8], right=variant_case[9], tiles=tiles))
+    for dkdv, dq in ((1, 1), (1, 5), (0, 4)):  # and the backward kernels' (split loops, longest first)
+        tiles = fixed | {"dkdv": fixed["dkdv"][:4] + (dkdv,), "dq": fixed["dq"][:4] + (dq,)}
         results.append(check(*variant_case[:8], left=variant_case[8], right=variant_case[9], tiles=tiles))
     if torch.cuda.is_available():
         # As the model calls it under bf16 autocast: q, k in fp32 (RoPE promotes them), v in bf16.
@@ -307,6 +318,8 @@ def build_report(arch: int = 90, head_dims=(64, 128)) -> list[dict]:
     jobs += [("fwd", D, A.TILES[("fwd", D)][:4] + (v | A.TILES[("fwd", D)][4] & 4,)) for D in head_dims
              for v in (0, 1, 2, 3, 9, 11) if v != A.TILES[("fwd", D)][4] & 11]  # the other loop structures, load paths
     jobs += [("fwd", 64, A.TILES[("fwd", 64)][:4] + (9 | A.TILES[("fwd", 64)][4] & 4, 128))]  # AHEAD, 128 registers
+    jobs += [(kind, D, A.TILES[(kind, D)][:4] + (1 | (A.TILES[(kind, D)][4:] or (0,))[0],)) for D in head_dims
+             for kind in ("dkdv", "dq") if not (A.TILES[(kind, D)][4:] or (0,))[0] & 1]  # the backward's split loops
     for kind, D, tiles in jobs:
         fn = kernels[kind]
         BM, BN, warps, stages = tiles[:4]
@@ -319,6 +332,8 @@ def build_report(arch: int = 90, head_dims=(64, 128)) -> list[dict]:
                 arg_types.update(K=f"tensordesc<bf16[1,1,{BN},{D}]>", V=f"tensordesc<bf16[1,1,{BN},{D}]>")
         if kind == "dq":
             consts.update(LONGEST_FIRST=len(tiles) > 4 and bool(tiles[4] & 4))
+        if kind != "fwd":
+            consts.update(SPLIT=len(tiles) > 4 and bool(tiles[4] & 1))
         signature = {a: "constexpr" if a in consts else arg_types.get(a, "i32") for a in fn.arg_names}  # rest: i32
         # As a launch at the benchmark's shapes specialises: pointers, strides and sizes divisible by 16
         # (without it the loads are neither vectorised nor pipelined, and the report would describe

@@ -123,6 +123,18 @@ CASES = [
     (2, 4, 2, 300, 300, 16, True, (0, 70), (0, 9),
      {"fwd": (64, 64, 4, 3, 9), "dkdv": (64, 128, 8, 2), "dq": (64, 64, 4, 3)}),
     (2, 4, 2, 37, 37, 32, True, (0, 9), (0, 5), {**SPLIT16, "fwd": (16, 16, 1, 1, 13, 128)}),  # a register cap
+    # The backward kernels' split loops (the 5th field of their tiles, bit 1): a loop over the tiles that need
+    # no bounds and no mask, then the edge tiles; dQ also longest first (5). Padding left and right, GQA, not
+    # causal, T < S, one decode step, the GPU's tile sizes.
+    (2, 4, 2, 37, 37, 32, True, (0, 9), (0, 5), {**SPLIT16, "dkdv": (16, 16, 1, 1, 1), "dq": (16, 16, 1, 1, 1)}),
+    (2, 4, 1, 37, 37, 16, True, (3, 20), (4, 0), {**SPLIT16, "dkdv": (16, 16, 1, 1, 1), "dq": (16, 16, 1, 1, 5)}),
+    (1, 2, 1, 40, 40, 16, True, (37,), None, {**SPLIT16, "dkdv": (16, 32, 1, 1, 1), "dq": (32, 16, 1, 1, 1)}),
+    (1, 2, 1, 21, 21, 16, False, None, None, {**SPLIT16, "dkdv": (16, 16, 1, 1, 1), "dq": (16, 16, 1, 1, 1)}),
+    (2, 4, 2, 3, 20, 16, True, (2, 5), None, {**SPLIT16, "dkdv": (16, 16, 1, 1, 1), "dq": (16, 16, 1, 1, 5)}),
+    (2, 2, 1, 1, 19, 32, True, (0, 18), None, {**SPLIT16, "dkdv": (16, 16, 1, 1, 1), "dq": (16, 16, 1, 1, 1)}),
+    (1, 2, 2, 16, 32, 16, False, None, None, {**SPLIT16, "dkdv": (16, 16, 1, 1, 1), "dq": (16, 16, 1, 1, 1)}),
+    (2, 4, 2, 300, 300, 16, True, (0, 70), (0, 9),
+     {"fwd": (128, 64, 4, 3, 9), "dkdv": (64, 128, 8, 2, 1), "dq": (64, 64, 4, 3, 1)}),
     # dQ's query tiles last to first too (its 5th field, 4), with padding, T < S, and several tiles per row.
     (2, 4, 2, 37, 37, 32, True, (0, 9), (0, 5), {**SPLIT16, "dq": (16, 16, 1, 1, 4)}),
     (2, 4, 2, 3, 20, 16, True, (2, 5), None, {**SPLIT16, "dq": (16, 16, 1, 1, 4)}),
@@ -293,6 +305,7 @@ def test_kernels_build_for_hopper_and_the_forward_does_not_spill():
     built = sorted((k, int(d), len(t.split(","))) for k, d, t, *_ in rows)
     variants = [("fwd", d, 5) for d in (64, 128)] * 6  # the forward's loop structures and load paths: 0-3, 9, 11
     variants += [("fwd", 64, 6)]  # and AHEAD capped at 128 registers (two 8-warp programs per SM)
+    variants += [(k, d, 5) for k in ("dkdv", "dq") for d in (64, 128)]  # the backward kernels' split loops
     assert built == sorted([(k, d, 4) for k in ("dkdv", "dq") for d in (64, 128)] + variants), built
     for i, (kernel, D, tiles, regs, stack, copies, shared_kb, per_wait) in enumerate(rows):
         assert 0 < int(regs) <= 255 and 0 < int(shared_kb) <= 227, (kernel, D, regs, shared_kb)  # sm_90 limits
@@ -350,8 +363,9 @@ def test_the_whole_gpu_script_runs_as_a_dry_run_on_the_cpu(monkeypatch, capsys):
     assert bench_attention.main(["--small"]) == 0
     out = capsys.readouterr().out
     checks = [line for line in out.splitlines() if line.endswith(("PASS", "FAIL"))]
-    assert len(checks) == 16 and all(line.endswith("PASS") for line in checks), out
-    assert all(f"forward variant {v}:" in out for v in bench_attention.FWD_VARIANTS), out
+    assert len(checks) == 19 and all(line.endswith("PASS") for line in checks), out
+    assert all(f"forward variant {v}, dK/dV 0, dQ 0:" in out for v in bench_attention.FWD_VARIANTS), out
+    assert all(f"dK/dV {a}, dQ {b}:" in out for a, b in ((1, 1), (1, 5), (0, 4))), out
     assert len(bench_attention.FWD_VARIANTS) == 12 and 13 in bench_attention.FWD_VARIANTS
     rows = [line for line in out.splitlines() if line.startswith("| 1 | 4 |")]
     assert len(rows) == 6 and all(line.count("|") == 14 for line in rows), out  # 13 columns each
