@@ -124,6 +124,41 @@ def _inputs(B, H, K, T, S, D, dtype, seed=0):
             for shape in ((B, H, T, D), (B, K, S, D), (B, K, S, D))]
 
 
+def compile_in_parallel(run, cands):
+    """Compile every candidate's kernels at once, on all the host's cores, before the sweep times them one by one
+    (a compile takes a second or two; the sweep has about a hundred). run(c) makes the launches of candidate c;
+    here each launch only compiles (Triton's warmup), in worker threads under Triton's AsyncCompileMode, and
+    the compiled kernels land in the kernels' caches, where the timed launches find them. Best effort: a
+    failure here costs nothing but the time, as every candidate compiles again on its first launch."""
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:  # a Triton without it: each candidate compiles when first launched
+        return
+    kernels = (A._fwd_kernel, A._bwd_delta_kernel, A._bwd_dkdv_kernel, A._bwd_dq_kernel)
+
+    def compile_only(k):
+        return lambda *args, grid, warmup, **kw: type(k).run(k, *args, grid=grid, warmup=True, **kw)
+
+    t = time.time()
+    try:
+        for k in kernels:
+            k.run = compile_only(k)  # kernel[grid](...) calls self.run(..., warmup=False)
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool, AsyncCompileMode(pool, ignore_errors=True):
+            for c in cands:
+                try:
+                    run(c)
+                except Exception:  # it fails again, and is reported, when the sweep launches it
+                    pass
+    except Exception as e:
+        print(f"  (parallel compile skipped: {type(e).__name__}: {e})")
+    finally:
+        for k in kernels:
+            k.__dict__.pop("run", None)  # back to the class's run
+    print(f"  compiled {len(cands)} candidates on {os.cpu_count()} threads [{time.time() - t:.0f}s]")
+
+
 def tune(cfg: BenchConfig):
     """Time each candidate tile config of each kernel on the largest causal shape; keep the fastest in TILES.
     A candidate must first give SDPA's output (forward) or gradients (backward kernels) within bf16
@@ -144,6 +179,7 @@ def tune(cfg: BenchConfig):
                 if kind == "fwd":
                     return A._flash_forward(q, k, v, first, end, True, tiles)
                 return A._flash_backward(do, q, k, v, o, lse, first, end, True, tiles)
+            compile_in_parallel(run, cands)  # (under the CPU interpreter there is nothing to compile)
             timed = []
             for c in cands:
                 try:

@@ -370,3 +370,6 @@ def test_the_whole_gpu_script_runs_as_a_dry_run_on_the_cpu(monkeypatch, capsys):
     rows = [line for line in out.splitlines() if line.startswith("| 1 | 4 |")]
     assert len(rows) == 6 and all(line.count("|") == 14 for line in rows), out  # 13 columns each
     assert ("fwd", 16) in attention.TILES and "chosen" in out
+    assert out.count("candidates on") == 3 and "parallel compile skipped" not in out, out  # one per kernel
+    assert all("run" not in kernel.__dict__ for kernel in (attention._fwd_kernel, attention._bwd_dq_kernel)), \
+        "the compile-only launch was left in place"
