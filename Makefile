@@ -99,16 +99,19 @@ bench: install
 # compiles); bench-gpu-model, bench.py's sections, training first, inside BENCH_SECONDS.
 BENCH_OUT ?= out/bench
 BENCH_SECONDS ?= 400
+# the attention sweep's winners, kept outside BENCH_OUT (a lent machine's output folder is new at every call,
+# its working tree is not) so that bench-gpu-model, run next, uses the tiles bench-gpu-attention chose
+ATTN_TILES ?= out/attention_tiles.json
 bench-gpu:
 	$(MAKE) bench-gpu-attention; a=$$?; $(MAKE) bench-gpu-model; b=$$?; test $$a = 0 && test $$b = 0
 
 bench-gpu-attention:
-	mkdir -p $(BENCH_OUT)
-	PYTHONUNBUFFERED=1 $(PY) bench_attention.py > $(BENCH_OUT)/attention.txt 2>&1; a=$$?; cat $(BENCH_OUT)/attention.txt; \
-	    test $$a = 0
+	mkdir -p $(BENCH_OUT) $(dir $(ATTN_TILES))
+	PYTHONUNBUFFERED=1 $(PY) bench_attention.py --save-tiles $(ATTN_TILES) > $(BENCH_OUT)/attention.txt 2>&1; a=$$?; \
+	    cat $(BENCH_OUT)/attention.txt; cp -f $(ATTN_TILES) $(BENCH_OUT)/ 2>/dev/null; test $$a = 0
 
 bench-gpu-model:
 	mkdir -p $(BENCH_OUT)
 	PYTHONUNBUFFERED=1 $(PY) bench.py --device cuda --sections 1,2,4,3 --time-budget $(BENCH_SECONDS) --out $(BENCH_OUT)/bench.md \
-	    --profile $(BENCH_OUT)/profile.txt > $(BENCH_OUT)/bench.log 2>&1; b=$$?; tail -n 120 $(BENCH_OUT)/bench.log; \
-	    test $$b = 0
+	    --profile $(BENCH_OUT)/profile.txt --attention-tiles $(ATTN_TILES) > $(BENCH_OUT)/bench.log 2>&1; b=$$?; \
+	    tail -n 120 $(BENCH_OUT)/bench.log; test $$b = 0

@@ -76,6 +76,7 @@ triton is imported). Everything else gets SDPA (CUDA) or the math reference (CPU
 never needs Triton.
 """
 
+import json
 import math
 import os
 import weakref
@@ -110,6 +111,31 @@ TILES = {
     ("dq", 64): (64, 64, 4, 2), ("dq", 128): (128, 128, 8, 2),
 }
 INTERPRET_TILES = (16, 16, 1, 1)  # under the CPU interpreter: the smallest tile tl.dot accepts
+
+
+def save_tiles(path: str):
+    """Write TILES (say, a GPU sweep's winners: bench_attention.py --save-tiles) to a JSON file, atomically."""
+    with open(path + ".tmp", "w") as f:
+        json.dump([[kind, D, list(t)] for (kind, D), t in sorted(TILES.items())], f)
+    os.replace(path + ".tmp", path)
+
+
+def load_tiles(path: str) -> dict:
+    """Update TILES from a save_tiles file (bench.py --attention-tiles); returns the entries read. A file of
+    another form raises ValueError naming the file and the entry, and leaves TILES as it was."""
+    with open(path) as f:
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
+    read = {}
+    for row in rows if isinstance(rows, list) else [rows]:
+        ok = isinstance(row, list) and len(row) == 3 and row[0] in ("fwd", "dkdv", "dq") and isinstance(row[1], int)
+        if not (ok and isinstance(row[2], list) and 4 <= len(row[2]) <= 6 and all(type(x) is int for x in row[2])):
+            raise ValueError(f"{path}: entry {row!r}: expected [kernel, head_dim, [BLOCK_M, BLOCK_N, warps, stages, ...]]")
+        read[(row[0], row[1])] = tuple(row[2])
+    TILES.update(read)
+    return read
 HEAD_DIMS = (16, 32, 64, 128)  # powers of two (tl.arange); 16 is tl.dot's minimum
 
 

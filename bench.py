@@ -66,6 +66,7 @@ class BenchConfig:
     out: str = ""  # also write the results here: .md for the tables, anything else for JSON
     time_budget: float = -1.0  # seconds; cells that would overrun it are skipped (-1: 330 for the 1B run, else none)
     profile: str = ""  # also write torch.profiler tables here (a training step, ours and HF; one compiled generate)
+    attention_tiles: str = ""  # the attention kernels' tiles from this file (bench_attention.py --save-tiles), if it exists
 
 
 def sync(device):
@@ -803,6 +804,17 @@ def run_sections(cfg: BenchConfig, device: str) -> int:
             f"torch {torch.__version__}, transformers {transformers.__version__}, triton {triton}, "
             f"config {S.config}{' (tiny)' if S.tiny else ''}, time budget {f'{budget:.0f}s' if budget else 'none'}")
     print(head, flush=True)
+    if cfg.attention_tiles:  # a tile sweep of this card, run just before (make bench-gpu), instead of TILES as written
+        import attention
+        if not os.path.exists(cfg.attention_tiles):
+            print(f"note: {cfg.attention_tiles} not found: attention tiles as written in attention.py", flush=True)
+        else:
+            try:
+                print(f"attention tiles from {cfg.attention_tiles}: {attention.load_tiles(cfg.attention_tiles)}",
+                      flush=True)
+            except ValueError as e:  # (json's decode error is a ValueError too)
+                print(f"error: --attention-tiles {e}", file=sys.stderr)
+                return 2
     if not b.cuda:
         print("note: compile paths and the Triton kernel need CUDA; on this device they are skipped", flush=True)
     done = {}

@@ -45,6 +45,7 @@ class BenchConfig:
     head_dims: tuple = (64, 128)  # D of the timed shapes
     reps: int = 20  # timed repetitions (median), after 3 warm-up runs
     tune: bool = True  # sweep TUNE_CANDIDATES at T = max(seqs) before timing
+    save_tiles: str = ""  # write the sweep's winners here (attention.save_tiles), for bench.py --attention-tiles
     small: bool = False  # a dry run on the CPU under TRITON_INTERPRET=1 (tests): every line runs, figures mean nothing
 
 
@@ -246,7 +247,10 @@ def benchmark(cfg: BenchConfig = BenchConfig()) -> int:
     if cfg.tune:
         print(f"tile sweep ({str(_dtype(torch.bfloat16))[6:]}, causal, B{cfg.batch} H{cfg.heads} T{max(cfg.seqs)}):")
         tune(cfg)
-    print(f"chosen tiles {A.TILES}  [{time.time() - t0:.0f}s]")
+        if cfg.save_tiles:
+            A.save_tiles(cfg.save_tiles)
+    print(f"chosen tiles {A.TILES}{f' (saved to {cfg.save_tiles})' if cfg.tune and cfg.save_tiles else ''}  "
+          f"[{time.time() - t0:.0f}s]")
     if cfg.small:  # the same kinds of case, at sizes the interpreter runs in seconds
         results = [check(1, 4, 4, 40, 40, 16, True, torch.float32), check(1, 4, 4, 20, 20, 32, False, torch.float32),
                    check(2, 4, 2, 5, 30, 16, True, torch.float32, left=[0, 7], right=[2, 0]),
@@ -405,6 +409,8 @@ def main(argv=None):
                                              "timings against SDPA; or, without a GPU, its build report for sm_90.")
     ap.add_argument("--no-tune", dest="tune", action="store_false", help="skip the tile sweep (use TILES as written)")
     ap.add_argument("--reps", type=int, default=BenchConfig.reps, help="timed calls per figure (median)")
+    ap.add_argument("--save-tiles", default="", metavar="FILE",
+                    help="write the sweep's chosen tiles to FILE (JSON), for bench.py --attention-tiles FILE")
     ap.add_argument("--small", action="store_true",
                     help="dry run with tiny shapes, on the CPU under TRITON_INTERPRET=1 (what the tests run)")
     ap.add_argument("--build-report", action="store_true",
@@ -426,12 +432,12 @@ def main(argv=None):
         if not torch.cuda.is_available() and not A.kernel_runs_on(torch.zeros(1)):
             print("error: --small on a CPU needs TRITON_INTERPRET=1 in the environment", file=sys.stderr)
             return 2
-        return benchmark(replace(SMALL, tune=args.tune))
+        return benchmark(replace(SMALL, tune=args.tune, save_tiles=args.save_tiles))
     if not torch.cuda.is_available():
         print("error: no CUDA GPU: the check and timings need one (--build-report and --small run without)",
               file=sys.stderr)
         return 2
-    return benchmark(BenchConfig(reps=args.reps, tune=args.tune))
+    return benchmark(BenchConfig(reps=args.reps, tune=args.tune, save_tiles=args.save_tiles))
 
 
 if __name__ == "__main__":

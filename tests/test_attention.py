@@ -348,6 +348,32 @@ def test_the_sweep_never_chooses_a_wrong_candidate(monkeypatch, capsys):
     assert not chosen[4] & 1 and f"-> chosen {chosen}" in out, out
 
 
+def test_tiles_saved_by_the_sweep_load_into_another_process(tmp_path, monkeypatch, capsys):
+    # make bench-gpu: bench_attention.py --save-tiles FILE, then bench.py --attention-tiles FILE.
+    import bench
+    monkeypatch.setattr(attention, "TILES", dict(attention.TILES))
+    path = str(tmp_path / "tiles.json")
+    attention.TILES[("fwd", 64)] = (64, 64, 4, 2, 9, 128)
+    attention.save_tiles(path)
+    saved = dict(attention.TILES)
+    attention.TILES.clear()
+    assert attention.load_tiles(path) == saved and attention.TILES == saved
+    bad = tmp_path / "bad.json"
+    for text in ('[["fwd", 64, [128, 64, 8]]]', '[["bwd", 64, [64, 64, 4, 2]]]', "{oops"):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match="bad.json"):
+            attention.load_tiles(str(bad))
+        assert attention.TILES == saved  # unchanged by a file it refused
+    capsys.readouterr()
+    assert bench.main(["--small", "--sections", "3", "--attention-tiles", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --attention-tiles") and "bad.json" in err and "\n" not in err, err
+    attention.TILES.clear()
+    monkeypatch.delenv("TRITON_INTERPRET")  # (section 3 through the reference: the tiles are what is checked here)
+    assert bench.main(["--small", "--sections", "3", "--attention-tiles", path]) == 0
+    assert f"attention tiles from {path}" in capsys.readouterr().out and attention.TILES == saved
+
+
 def test_the_gpu_check_without_a_gpu_says_so_in_one_line(capsys):
     import bench_attention
     assert bench_attention.main([]) == 2
@@ -355,12 +381,12 @@ def test_the_gpu_check_without_a_gpu_says_so_in_one_line(capsys):
     assert err.startswith("error: no CUDA GPU") and "\n" not in err, err
 
 
-def test_the_whole_gpu_script_runs_as_a_dry_run_on_the_cpu(monkeypatch, capsys):
+def test_the_whole_gpu_script_runs_as_a_dry_run_on_the_cpu(monkeypatch, capsys, tmp_path):
     # --small runs every line of bench_attention.py (sweep, checks, both timing modes, the decode row) under
     # the interpreter, so a slip in the script shows here and not on a lent GPU. Its timings mean nothing.
     import bench_attention
     monkeypatch.setattr(attention, "TILES", dict(attention.TILES))  # the sweep writes its winners into TILES
-    assert bench_attention.main(["--small"]) == 0
+    assert bench_attention.main(["--small", "--save-tiles", str(tmp_path / "tiles.json")]) == 0
     out = capsys.readouterr().out
     checks = [line for line in out.splitlines() if line.endswith(("PASS", "FAIL"))]
     assert len(checks) == 19 and all(line.endswith("PASS") for line in checks), out
@@ -370,6 +396,9 @@ def test_the_whole_gpu_script_runs_as_a_dry_run_on_the_cpu(monkeypatch, capsys):
     rows = [line for line in out.splitlines() if line.startswith("| 1 | 4 |")]
     assert len(rows) == 6 and all(line.count("|") == 14 for line in rows), out  # 13 columns each
     assert ("fwd", 16) in attention.TILES and "chosen" in out
+    chosen = dict(attention.TILES)
+    attention.TILES.clear()
+    assert attention.load_tiles(str(tmp_path / "tiles.json")) == chosen  # the sweep's winners, saved
     assert out.count("candidates on") == 3 and "parallel compile skipped" not in out, out  # one per kernel
     assert all("run" not in kernel.__dict__ for kernel in (attention._fwd_kernel, attention._bwd_dq_kernel)), \
         "the compile-only launch was left in place"
