@@ -190,6 +190,22 @@ def _key_ranges(first, end, slot0, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, 
 
 
 @jit
+def _edge_count(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """The edge tiles of [lo, hi) around its unmasked run [full_lo, full_hi) (the split loops' second loop):
+    (how many lie left of the run, how many in all). At most one lies left (the padding edge); the ones
+    right of it are the causal diagonal or the end of the keys."""
+    n_left = tl.cdiv(tl.maximum(tl.minimum(full_lo, hi) - lo, 0), BLOCK)
+    return n_left, n_left + tl.cdiv(tl.maximum(hi - full_hi, 0), BLOCK)
+
+
+@jit
+def _edge_start(i, n_left, lo, full_hi, BLOCK: tl.constexpr):
+    """Where edge tile i starts: left of the run first, then right of it (the softmax and the gradient sums
+    do not care about the order)."""
+    return tl.where(i < n_left, lo + i * BLOCK, full_hi + (i - n_left) * BLOCK)
+
+
+@jit
 def _load_tile(base, b, kvh, n0, offs_d, stride, end, CHECK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                TMA: tl.constexpr):
     """The (BLOCK_N, D) K or V tile of keys n0 .. n0 + BLOCK_N - 1. TMA: base is a tensor descriptor of K or V
@@ -295,12 +311,9 @@ def _fwd_kernel(Q, K, V, O, LSE, FIRST, END, sqb, sqh, sqt, skb, skh, sks, svb, 
             for n0 in range(full_lo, full_hi, BLOCK_N):  # the fully visible tiles: no bounds, no mask, no branch
                 m_i, l_i, acc = _fwd_tile(q, k_base, v_base, b, kvh, n0, offs_d, slot, first, end, sks, svs,
                                           qk_scale, m_i, l_i, acc, False, False, CAUSAL, BLOCK_N, D, TMA)
-        # The edge tiles: at most one left of the run ([lo, full_lo), the padding edge) and the ones right of
-        # it ([full_hi, hi), the diagonal or the end of the keys). The softmax does not care about the order.
-        n_left = tl.cdiv(tl.maximum(tl.minimum(full_lo, hi) - lo, 0), BLOCK_N)
-        n_edge = n_left + tl.cdiv(tl.maximum(hi - full_hi, 0), BLOCK_N)
+        n_left, n_edge = _edge_count(lo, hi, full_lo, full_hi, BLOCK_N)  # then the tiles that need the mask
         for i in range(0, n_edge):
-            n0 = tl.where(i < n_left, lo + i * BLOCK_N, full_hi + (i - n_left) * BLOCK_N)
+            n0 = _edge_start(i, n_left, lo, full_hi, BLOCK_N)
             m_i, l_i, acc = _fwd_tile(q, k_base, v_base, b, kvh, n0, offs_d, slot, first, end, sks, svs, qk_scale,
                                       m_i, l_i, acc, True, True, CAUSAL, BLOCK_N, D, TMA)
     else:
@@ -398,8 +411,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, FIRST, END, sqb, sqh, sqt,
     keys_real = (n0 >= first) & (n0 + BLOCK_N <= end)
     full_lo, full_hi = tl.where(keys_real, full_lo, lo), tl.where(keys_real, full_hi, lo)
     # SPLIT (as the forward's): the full tiles in a loop with no bounds and no mask, then the edge tiles.
-    n_left = tl.cdiv(tl.maximum(tl.minimum(full_lo, r_hi) - lo, 0), BLOCK_M)
-    n_edge = n_left + tl.cdiv(tl.maximum(r_hi - full_hi, 0), BLOCK_M)
+    n_left, n_edge = _edge_count(lo, r_hi, full_lo, full_hi, BLOCK_M)
     for g in range(0, G):  # the query heads that share this kv head: their gradients sum here
         h = kvh * G + g
         q_base, do_base = Q + b * sqb + h * sqh, DO + b * sdb + h * sdh
@@ -409,7 +421,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, FIRST, END, sqb, sqh, sqt,
                 dk, dv = _dkdv_tile(k, v, q_base, do_base, lse_base, delta_base, m0, offs_n, offs_d, start, first, end,
                                     sqt, sdt, T, qk_scale, dk, dv, False, False, CAUSAL, BLOCK_M)
             for i in range(0, n_edge):
-                m0 = tl.where(i < n_left, lo + i * BLOCK_M, full_hi + (i - n_left) * BLOCK_M)
+                m0 = _edge_start(i, n_left, lo, full_hi, BLOCK_M)
                 dk, dv = _dkdv_tile(k, v, q_base, do_base, lse_base, delta_base, m0, offs_n, offs_d, start, first, end,
                                     sqt, sdt, T, qk_scale, dk, dv, True, True, CAUSAL, BLOCK_M)
         else:
@@ -469,10 +481,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, FIRST, END, sqb, sqh, sqt, skb, 
         for n0 in range(full_lo, full_hi, BLOCK_N):
             dq = _dq_tile(q, do, lse, delta, k_base, v_base, b, kvh, n0, offs_d, slot, first, end, sks, svs, qk_scale,
                           dq, False, False, CAUSAL, BLOCK_N, D)
-        n_left = tl.cdiv(tl.maximum(tl.minimum(full_lo, hi) - lo, 0), BLOCK_N)
-        n_edge = n_left + tl.cdiv(tl.maximum(hi - full_hi, 0), BLOCK_N)
+        n_left, n_edge = _edge_count(lo, hi, full_lo, full_hi, BLOCK_N)
         for i in range(0, n_edge):
-            n0 = tl.where(i < n_left, lo + i * BLOCK_N, full_hi + (i - n_left) * BLOCK_N)
+            n0 = _edge_start(i, n_left, lo, full_hi, BLOCK_N)
             dq = _dq_tile(q, do, lse, delta, k_base, v_base, b, kvh, n0, offs_d, slot, first, end, sks, svs, qk_scale,
                           dq, True, True, CAUSAL, BLOCK_N, D)
     else:
@@ -499,6 +510,11 @@ def _empty_like(x):
     return t.fill_(float("nan")) if FILL_NAN else t
 
 
+def variant(tiles) -> int:
+    """A kernel's variant bits: the optional 5th field of its tiles (0 without one)."""
+    return tiles[4] if len(tiles) > 4 else 0
+
+
 def _tiles(kind, D, x, tiles):
     if tiles is not None:
         return tiles[kind] if isinstance(tiles, dict) else tiles
@@ -514,12 +530,12 @@ def _flash_forward(q, k, v, first, end, causal, tiles=None):
     K, S = k.shape[1], k.shape[2]
     cfg = _tiles("fwd", D, q, tiles)
     BM, BN, warps, stages = cfg[:4]
-    variant = cfg[4] if len(cfg) > 4 else 0  # the forward's 5th field: bits SPLIT, TMA, LONGEST_FIRST, AHEAD
+    bits = variant(cfg)  # the forward's: SPLIT, TMA, LONGEST_FIRST, AHEAD
     regs = cfg[5] if len(cfg) > 5 else 0  # its 6th: a cap on registers per thread (0: the compiler's choice)
     kk, vv = k, v
-    if variant & 2 and (TensorDescriptor is None or not all(_tma_aligned(t) for t in (k, v))):
-        variant &= ~2  # the copy engine needs descriptors and 16-byte aligned bases and strides; the warps' loads do not
-    if variant & 2:  # K/V tiles by the bulk tensor copy engine: host-side descriptors with the tile's block shape
+    if bits & 2 and (TensorDescriptor is None or not all(_tma_aligned(t) for t in (k, v))):
+        bits &= ~2  # the copy engine needs descriptors and 16-byte aligned bases and strides; the warps' loads do not
+    if bits & 2:  # K/V tiles by the bulk tensor copy engine: host-side descriptors with the tile's block shape
         kk, vv = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BN, D]) for t in (k, v))
     # Output laid out (B, T, H, D) in memory and returned as a (B, H, T, D) view, so the model's
     # transpose(1, 2).reshape(B, T, H * D) that follows is free.
@@ -528,8 +544,8 @@ def _flash_forward(q, k, v, first, end, causal, tiles=None):
     _fwd_kernel[((T + BM - 1) // BM, B * H)](
         q, kk, vv, o, lse, first, end, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, H // K, T, S, LOG2E / math.sqrt(D), D=D, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
-        SPLIT=bool(variant & 9), TMA=bool(variant & 2), LONGEST_FIRST=bool(variant & 4) and causal,
-        AHEAD=bool(variant & 8), num_warps=warps, num_stages=stages, **({"maxnreg": regs} if regs else {}))
+        SPLIT=bool(bits & 9), TMA=bool(bits & 2), LONGEST_FIRST=bool(bits & 4) and causal,
+        AHEAD=bool(bits & 8), num_warps=warps, num_stages=stages, **({"maxnreg": regs} if regs else {}))
     return o, lse
 
 
@@ -548,14 +564,14 @@ def _flash_backward(do, q, k, v, o, lse, first, end, causal, tiles=None):
     _bwd_dkdv_kernel[((S + BN - 1) // BN, B * K)](
         q, k, v, do, lse, delta, dk, dv, first, end, *strides, *dk.stride()[:3], *dv.stride()[:3],
         H, H // K, T, S, sm_scale, sm_scale * LOG2E, D=D, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
-        SPLIT=len(cfg) > 4 and bool(cfg[4] & 1), num_warps=warps, num_stages=stages)  # dK/dV's 5th field: SPLIT
+        SPLIT=bool(variant(cfg) & 1), num_warps=warps, num_stages=stages)  # dK/dV's variant bits: SPLIT
     cfg = _tiles("dq", D, q, tiles)
     BM, BN, warps, stages = cfg[:4]
-    variant = cfg[4] if len(cfg) > 4 else 0  # dQ's 5th field: bits SPLIT (1) and LONGEST_FIRST (4), as the forward's
+    bits = variant(cfg)  # dQ's: SPLIT (1) and LONGEST_FIRST (4), as the forward's
     _bwd_dq_kernel[((T + BM - 1) // BM, B * H)](
         q, k, v, do, lse, delta, dq, first, end, *strides, *dq.stride()[:3],
         H, H // K, T, S, sm_scale, sm_scale * LOG2E, D=D, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
-        SPLIT=bool(variant & 1), LONGEST_FIRST=causal and bool(variant & 4), num_warps=warps, num_stages=stages)
+        SPLIT=bool(bits & 1), LONGEST_FIRST=causal and bool(bits & 4), num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 

@@ -232,7 +232,7 @@ def check(B, H, K, T, S, D, causal, dtype, left=None, right=None, tiles=None):
     ok = finite and pad_zero and errs[0] < 1e-2 and max(errs[1:]) < 2e-2
     variant = ""
     if isinstance(tiles, dict):  # the variants (5th fields) of the three kernels
-        v = {name: t[4] if len(t) > 4 else 0 for name, t in tiles.items()}
+        v = {name: A.variant(t) for name, t in tiles.items()}
         variant = f" forward variant {v['fwd']}, dK/dV {v['dkdv']}, dQ {v['dq']}"
     msg = (f"B{B} H{H} K{K} T{T} S{S} D{D} {'causal' if causal else 'full'} {str(dtype)[6:]} left={left} "
            f"right={right}{variant}: rel err out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} dv {errs[3]:.1e}, "
@@ -358,22 +358,22 @@ def build_report(arch: int = 90, head_dims=(64, 128)) -> list[dict]:
     jobs += [("fwd", D, A.TILES[("fwd", D)][:4] + (v | A.TILES[("fwd", D)][4] & 4,)) for D in head_dims
              for v in (0, 1, 2, 3, 9, 11) if v != A.TILES[("fwd", D)][4] & 11]  # the other loop structures, load paths
     jobs += [("fwd", 64, A.TILES[("fwd", 64)][:4] + (9 | A.TILES[("fwd", 64)][4] & 4, 128))]  # AHEAD, 128 registers
-    jobs += [(kind, D, A.TILES[(kind, D)][:4] + (1 | (A.TILES[(kind, D)][4:] or (0,))[0],)) for D in head_dims
-             for kind in ("dkdv", "dq") if not (A.TILES[(kind, D)][4:] or (0,))[0] & 1]  # the backward's split loops
+    jobs += [(kind, D, A.TILES[(kind, D)][:4] + (1 | A.variant(A.TILES[(kind, D)]),)) for D in head_dims
+             for kind in ("dkdv", "dq") if not A.variant(A.TILES[(kind, D)]) & 1]  # the backward's split loops
     for kind, D, tiles in jobs:
         fn = kernels[kind]
         BM, BN, warps, stages = tiles[:4]
         consts = dict(D=D, CAUSAL=True, BLOCK_M=BM, BLOCK_N=BN)
         arg_types = dict(types)
         if kind == "fwd":
-            consts.update(SPLIT=bool(tiles[4] & 9), TMA=bool(tiles[4] & 2), LONGEST_FIRST=bool(tiles[4] & 4),
-                          AHEAD=bool(tiles[4] & 8))
+            bits = A.variant(tiles)
+            consts.update(SPLIT=bool(bits & 9), TMA=bool(bits & 2), LONGEST_FIRST=bool(bits & 4), AHEAD=bool(bits & 8))
             if consts["TMA"]:  # K and V as tensor descriptors with the tile's block shape
                 arg_types.update(K=f"tensordesc<bf16[1,1,{BN},{D}]>", V=f"tensordesc<bf16[1,1,{BN},{D}]>")
         if kind == "dq":
-            consts.update(LONGEST_FIRST=len(tiles) > 4 and bool(tiles[4] & 4))
+            consts.update(LONGEST_FIRST=bool(A.variant(tiles) & 4))
         if kind != "fwd":
-            consts.update(SPLIT=len(tiles) > 4 and bool(tiles[4] & 1))
+            consts.update(SPLIT=bool(A.variant(tiles) & 1))
         signature = {a: "constexpr" if a in consts else arg_types.get(a, "i32") for a in fn.arg_names}  # rest: i32
         # As a launch at the benchmark's shapes specialises: pointers, strides and sizes divisible by 16
         # (without it the loads are neither vectorised nor pipelined, and the report would describe
