@@ -25,9 +25,9 @@ need the visibility mask; `_key_ranges` finds the fully visible run of tiles in 
 The forward's variants are picked by the 5th field of its tiles (bits SPLIT = 1, TMA = 2, ...). SPLIT:
 one loop over every tile with a branch on the tile index (0), or a branch-free loop over the fully
 visible tiles followed by a loop over the few edge tiles (1), whose main loop has no branch, no load
-bounds and no mask (built for sm_90 at D64, 293 instructions per warp and key tile against 445). TMA: K/V tiles loaded by the program's own warps through cp.async (0), or fetched
-by Hopper's bulk tensor copy engine from host-made tensor descriptors (1), which frees those warps and
-registers for the softmax. All four build for sm_90 without spilling (`bench_attention.py --build-report`);
+bounds and no mask (built for sm_90 at D64, 293 instructions per warp and key tile against 445). TMA: K/V
+tiles loaded by the program's own warps through cp.async (0), or fetched by Hopper's bulk tensor copy engine
+from host-made tensor descriptors (1), which frees those warps and registers for the softmax. All four build for sm_90 without spilling (`bench_attention.py --build-report`);
 which is fastest is the GPU sweep's to say. (Three loops, edge / middle / edge, spilled registers when
 built for sm_90 with Triton 3.9.) A third bit, LONGEST_FIRST = 4, only orders the work: under a causal
 mask the query tiles of a head run last to first, so the tiles that see the most keys start first and the
@@ -190,6 +190,13 @@ def _key_ranges(first, end, slot0, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, 
 
 
 @jit
+def _mask_edge(s, slot, n0, first, end, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scores s (BLOCK_M query rows at slots `slot`, BLOCK_N keys from n0), keys a row may not see at -inf."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    return tl.where(_visible(slot[:, None], offs_n[None, :], first, end, CAUSAL), s, float("-inf"))
+
+
+@jit
 def _edge_count(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
     """The edge tiles of [lo, hi) around its unmasked run [full_lo, full_hi) (the split loops' second loop):
     (how many lie left of the run, how many in all). At most one lies left (the padding edge); the ones
@@ -249,8 +256,7 @@ def _fwd_tile(q, k_base, v_base, b, kvh, n0, offs_d, slot, first, end, sks, svs,
     s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) raw scores q.k; times qk_scale they are in log2 units
     if CHECK:
         if edge:
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            s = tl.where(_visible(slot[:, None], offs_n[None, :], first, end, CAUSAL), s, float("-inf"))
+            s = _mask_edge(s, slot, n0, first, end, CAUSAL, BLOCK_N)
     return _online_softmax(s, v, qk_scale, m_i, l_i, acc)
 
 
@@ -444,8 +450,7 @@ def _dq_tile(q, do, lse, delta, k_base, v_base, b, kvh, n0, offs_d, slot, first,
     s = tl.dot(q, tl.trans(k)) * qk_scale
     if CHECK:
         if edge:
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            s = tl.where(_visible(slot[:, None], offs_n[None, :], first, end, CAUSAL), s, float("-inf"))
+            s = _mask_edge(s, slot, n0, first, end, CAUSAL, BLOCK_N)
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])
