@@ -643,8 +643,13 @@ RUN_FILES = ("metrics.jsonl",)  # what a training run writes into its --out befo
 def check_out_dir(out, resume: bool, overwrite: bool) -> None:
     """The --out of a training run (sft.py, ppo.py), checked before anything is written: a new or empty
     directory, the same run's leftovers, or a checkpoint to --resume or to --overwrite. A file, or a
-    directory holding other things, is refused (writing a checkpoint there would replace some of them)."""
+    directory holding other things, is refused (writing a checkpoint there would replace some of them).
+    First, a checkpoint left half-swapped by a crash in atomic_dir is put back (by rank 0 under torchrun)."""
     out = Path(out)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        recover_dir(out)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank checks the recovered directory
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out}: exists and is not a directory; expected a checkpoint directory to write")
     if resume and not (out / "train_state.pt").exists():

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from confidence import ccrl_reward_from_rollout
 from data import grade_answer, load_problems, parse_number, prompt_text
 from cross_entropy import chunked_token_logprobs
-from model import Block, Transformer, check_out_dir, generate, left_pad, recover_dir, resolve_device
+from model import Block, Transformer, check_out_dir, generate, left_pad, resolve_device
 from sft import (all_sum, append_metrics, clip_grad_norm, init_distributed, lm_head_weight, load_optimizer_state,
                  parse_config, training_state, trim_metrics, wrap_for_training)
 
@@ -632,10 +632,6 @@ def setup(cfg: PPOConfig):
     from tokenizer import Tokenizer
     check_config(cfg)
     out = Path(cfg.out)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        recover_dir(out)
-    if dist.is_initialized():
-        dist.barrier()
     check_out_dir(out, cfg.resume, cfg.overwrite)
     for flag, d in [("--init", cfg.init)] + ([("--value-init", cfg.value_init)] if cfg.value_init else []):
         if not (Path(d) / "config.json").exists():

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cross_entropy import chunked_cross_entropy
-from model import (CONFIGS, CheckpointError, ModelConfig, Transformer, check_out_dir, fuse_optimizer_state, recover_dir,
+from model import (CONFIGS, CheckpointError, ModelConfig, Transformer, check_out_dir, fuse_optimizer_state,
                    resolve_device)
 
 
@@ -400,10 +400,6 @@ def setup(cfg: SFTConfig):
     from tokenizer import Tokenizer
     check_config(cfg)
     out = Path(cfg.out)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        recover_dir(out)
-    if dist.is_initialized():
-        dist.barrier()
     check_out_dir(out, cfg.resume, cfg.overwrite)
     if cfg.init == "auto":  # resolved here, so the printed and the saved config say which it was
         cfg.init = "base" if (Path("base") / "config.json").exists() else "scratch"

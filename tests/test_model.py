@@ -223,6 +223,19 @@ def test_sharded_and_bf16_checkpoints_load_in_transformers(tmp_path):
     assert json.loads((tmp_path / "bf" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_check_out_dir_puts_back_a_checkpoint_caught_between_renames(tmp_path):
+    """atomic_dir renames out -> out.old, then out.tmp -> out; a crash between the two leaves only out.old.
+    check_out_dir (the first thing sft.py and ppo.py do with --out) puts it back, so --resume finds it and
+    a new run without --resume or --overwrite is refused instead of writing over it."""
+    Transformer(tiny("llama")).save_pretrained(tmp_path / "out")
+    (tmp_path / "out" / "train_state.pt").write_bytes(b"state")
+    (tmp_path / "out").rename(tmp_path / "out.old")
+    with pytest.raises(M.CheckpointError, match="already exists"):
+        M.check_out_dir(tmp_path / "out", resume=False, overwrite=False)
+    assert not (tmp_path / "out.old").exists() and (tmp_path / "out" / "train_state.pt").read_bytes() == b"state"
+    M.check_out_dir(tmp_path / "out", resume=True, overwrite=False)
+
+
 def _cli(ckpt):
     return subprocess.run([sys.executable, str(ROOT / "model.py"), str(ckpt), "--check"],
                           capture_output=True, text=True, cwd=ROOT)
