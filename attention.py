@@ -25,7 +25,7 @@ need the visibility mask; `_key_ranges` finds the fully visible run of tiles in 
 The forward's variants are picked by the 5th field of its tiles (bits SPLIT = 1, TMA = 2, ...). SPLIT:
 one loop over every tile with a branch on the tile index (0), or a branch-free loop over the fully
 visible tiles followed by a loop over the few edge tiles (1), whose main loop has no branch, no load
-bounds and no mask (built for sm_90 at D64, 293 instructions per warp and key tile against 445). TMA: K/V
+bounds and no mask (built for sm_90 at D64, 289 instructions per warp and key tile against 445). TMA: K/V
 tiles loaded by the program's own warps through cp.async (0), or fetched by Hopper's bulk tensor copy engine
 from host-made tensor descriptors (1), which frees those warps and registers for the softmax. All four build for sm_90 without spilling (`bench_attention.py --build-report`);
 which is fastest is the GPU sweep's to say. (Three loops, edge / middle / edge, spilled registers when
@@ -230,13 +230,15 @@ def _load_tile(base, b, kvh, n0, offs_d, stride, end, CHECK: tl.constexpr, BLOCK
 
 
 @jit
-def _online_softmax(s, v, qk_scale, m_i, l_i, acc):
+def _online_softmax(s, v, qk_scale, m_i, l_i, acc, MASKED: tl.constexpr):
     """Fold one key tile, given its raw scores s = q k^T (BLOCK_M, BLOCK_N; -inf where masked) and its values v,
-    into the online softmax (m_i, l_i, acc)."""
+    into the online softmax (m_i, l_i, acc). MASKED: s may hold -inf (an edge tile)."""
     # The scale goes on the row max (qk_scale > 0 keeps the argmax) and into one multiply-add per score below,
     # rather than a separate multiply of every score first: the softmax arithmetic is what bounds this loop.
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet: avoid -inf - -inf
+    m_safe = m_new  # a fully visible tile gives every row a finite max
+    if MASKED:  # a pad row may have seen no visible key yet: keep -inf - -inf (nan) out of its running sums
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)  # rescales what was accumulated under the old max
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -257,7 +259,7 @@ def _fwd_tile(q, k_base, v_base, b, kvh, n0, offs_d, slot, first, end, sks, svs,
     if CHECK:
         if edge:
             s = _mask_edge(s, slot, n0, first, end, CAUSAL, BLOCK_N)
-    return _online_softmax(s, v, qk_scale, m_i, l_i, acc)
+    return _online_softmax(s, v, qk_scale, m_i, l_i, acc, CHECK)
 
 
 @jit
@@ -274,10 +276,10 @@ def _fwd_full_tiles_ahead(q, k_base, v_base, b, kvh, full_lo, full_hi, offs_d, s
         k_next = _load_tile(k_base, b, kvh, n0 + BLOCK_N, offs_d, sks, 0, False, BLOCK_N, D, TMA)
         s_next = tl.dot(q, tl.trans(k_next))  # the next tile's scores: only carried to the next iteration
         v = _load_tile(v_base, b, kvh, n0, offs_d, svs, 0, False, BLOCK_N, D, TMA)
-        m_i, l_i, acc = _online_softmax(s, v, qk_scale, m_i, l_i, acc)
+        m_i, l_i, acc = _online_softmax(s, v, qk_scale, m_i, l_i, acc, False)
         s = s_next
     v = _load_tile(v_base, b, kvh, full_hi - BLOCK_N, offs_d, svs, 0, False, BLOCK_N, D, TMA)
-    return _online_softmax(s, v, qk_scale, m_i, l_i, acc)
+    return _online_softmax(s, v, qk_scale, m_i, l_i, acc, False)
 
 
 @jit

@@ -61,7 +61,7 @@ SMALL = BenchConfig(batch=1, heads=4, gqa_kv_heads=2, seqs=(32,), head_dims=(16,
 # best-known tiles also in longest-first order (a 5th field of 4). The backward kernels' candidates include their
 # split loops (a 5th field with bit 1: branch-free loops over the tiles that need no mask, then the edges). A
 # 6th field of the forward's tiles of 128 caps the registers so that
-# two 8-warp programs fit on an SM (AHEAD needs 172 at D64; capped, ptxas spills 24 bytes), or four 4-warp ones.
+# two 8-warp programs fit on an SM (AHEAD needs 170 at D64; capped, ptxas spills 24 bytes), or four 4-warp ones.
 TUNE_CANDIDATES = {
     "fwd": [(128, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 3, 0), (64, 64, 4, 4, 0), (128, 64, 4, 2, 0),
             (128, 64, 4, 3, 1), (128, 64, 8, 3, 1), (128, 128, 8, 3, 1), (64, 64, 4, 4, 1), (128, 64, 8, 4, 1),
