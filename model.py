@@ -164,10 +164,11 @@ class RMSNorm(nn.Module):
         # Eagerly, the same math through PyTorch's rms_norm: one fused kernel on CUDA where the plain form is
         # five (and as many saved tensors for the backward). fp32 input and gain (the training residual stream
         # under autocast): all in one call. Otherwise (bf16 weights when sampling, q/k norms under autocast)
-        # normalised in fp32 and cast back before the gain, as HF does.
+        # the gain comes after, as HF applies it: rms_norm without a gain computes in fp32 whatever the input
+        # dtype and rounds once to it, which is HF's normalise-in-fp32-then-cast, in one kernel instead of three.
         if x.dtype == self.weight.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
