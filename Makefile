@@ -95,7 +95,7 @@ bench: install
 # Writes its tables and logs to $(BENCH_OUT) as it goes (bench.md after every section, so a run cut short by a time
 # limit keeps what it measured); exits 1 if a correctness check fails (see docs/PERFORMANCE.md). Two halves, also
 # runnable one at a time (each under 10 minutes, for a machine lent by the call): bench-gpu-attention, the
-# attention kernel's sweep over 100 tile candidates, checks and timings (~3-4 min on one H100: mostly Triton
+# attention kernel's sweep over 102 tile candidates, checks and timings (~3-4 min on one H100: mostly Triton
 # compiles); bench-gpu-model, bench.py's sections, training first, inside BENCH_SECONDS.
 BENCH_OUT ?= out/bench
 BENCH_SECONDS ?= 400

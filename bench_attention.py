@@ -64,7 +64,8 @@ SMALL = BenchConfig(batch=1, heads=4, gqa_kv_heads=2, seqs=(32,), head_dims=(16,
 # two 8-warp programs fit on an SM (AHEAD needs 170 at D64; capped, ptxas spills 24 bytes), or four 4-warp ones.
 # 128-key tiles issue a fifth fewer instructions per score than 64-key ones at D64 (the loop's fixed costs are
 # spread over twice the keys) but take 232+ registers on 8 warps, one program per SM; two fit as 64-row tiles on
-# 4 warps (242 registers), or as 128-row tiles capped at 128 registers (64 bytes spilled).
+# 4 warps (242 registers), or as 128-row tiles capped at 128 registers (64 bytes spilled). dK/dV at D128: every
+# 64-row candidate spills (80-400 bytes); (32, 128, 8, 2, 1) builds in 254 registers without.
 TUNE_CANDIDATES = {
     "fwd": [(128, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 3, 0), (64, 64, 4, 4, 0), (128, 64, 4, 2, 0),
             (128, 64, 4, 3, 1), (128, 64, 8, 3, 1), (128, 128, 8, 3, 1), (64, 64, 4, 4, 1), (128, 64, 8, 4, 1),
@@ -74,7 +75,7 @@ TUNE_CANDIDATES = {
             (128, 64, 8, 3, 13), (64, 64, 4, 3, 13), (128, 64, 8, 3, 9, 128), (128, 64, 8, 3, 13, 128),
             (64, 64, 4, 2, 9, 128), (64, 128, 4, 3, 1), (128, 128, 8, 2, 1, 128)],
     "dkdv": [(64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2),
-             (64, 128, 8, 3, 1), (64, 128, 8, 2, 1), (64, 64, 4, 3, 1), (64, 64, 4, 2, 1)],
+             (64, 128, 8, 3, 1), (64, 128, 8, 2, 1), (64, 64, 4, 3, 1), (64, 64, 4, 2, 1), (32, 128, 8, 2, 1)],
     "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2, 4), (128, 128, 8, 2, 4),
            (64, 64, 4, 2, 1), (64, 64, 4, 3, 1), (128, 64, 8, 2, 1), (128, 128, 8, 2, 1), (64, 64, 4, 2, 5)],
 }
