@@ -166,9 +166,11 @@ class RMSNorm(nn.Module):
         # under autocast): all in one call. Otherwise (bf16 weights when sampling, q/k norms under autocast)
         # the gain comes after, as HF applies it: rms_norm without a gain computes in fp32 whatever the input
         # dtype and rounds once to it, which is HF's normalise-in-fp32-then-cast, in one kernel instead of three.
+        # Under CUDA autocast rms_norm is on the run-in-fp32 list and returns fp32: .to rounds it as HF does
+        # (elsewhere it is a no-op).
         if x.dtype == self.weight.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

@@ -174,6 +174,21 @@ def test_rmsnorm_equals_transformers_in_every_dtype_it_meets():
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_rmsnorm_rounds_as_hf_when_autocast_runs_rms_norm_in_fp32(monkeypatch):
+    # CUDA autocast puts rms_norm on its run-in-fp32 list: a bf16 input comes back fp32. HF still rounds the
+    # normalised activations to bf16 before the gain; so must we. Here F.rms_norm is made to behave that way.
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    real = torch.nn.functional.rms_norm
+    monkeypatch.setattr(torch.nn.functional, "rms_norm",
+                        lambda x, shape, weight=None, eps=None: real(x.float(), shape, weight, eps))
+    g = torch.Generator().manual_seed(4)
+    ours, hf = M.RMSNorm(48, 1e-6), LlamaRMSNorm(48, eps=1e-6)
+    for m in (ours, hf):
+        m.weight.data = 1 + 0.3 * torch.randn(48, generator=torch.Generator().manual_seed(5))
+    x = (3 * torch.randn(4, 7, 48, generator=g)).bfloat16()
+    assert torch.equal(ours(x), hf(x))
+
+
 def test_the_exponential_race_draws_what_multinomial_draws():
     # sample_token samples by the race on every device; on the CPU torch.multinomial(p, 1) makes the very same
     # draw from the same generator, so the tokens are those multinomial gave (and the CPU results from before).
